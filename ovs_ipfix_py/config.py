@@ -1,0 +1,599 @@
+"""OVSDB rows -> exporter option values.
+
+``ConfigReader`` keeps an ``ovs.db.idl.Idl`` replica of the few columns
+that configure IPFIX and turns them into the immutable values of
+``ovs_ipfix_py.options``:
+
+- ``Bridge.ipfix`` -> one ``BridgeExporterOptions`` per bridge whose IPFIX
+  row has at least one target (bridge sampling);
+- ``Flow_Sample_Collector_Set`` rows with an ``ipfix`` reference whose row
+  has targets -> one ``FlowExporterOptions`` per (bridge, id).
+
+The schema is not shipped with the PyPI ``ovs`` package, so it is fetched
+from the server (``get_schema``, RFC 7047 section 4.1.2) over its own
+``ovs.jsonrpc.Session`` without blocking: the session connects and
+reconnects with ``ovs.reconnect``'s backoff (1 s doubling to 8 s).  Only
+then is the IDL built, registering ``Bridge`` (name, ipfix), all of
+``IPFIX`` and ``Flow_Sample_Collector_Set`` (id, bridge, ipfix, and
+local_group_id where the server has it).  Columns that only newer schemas
+have (``template_interval``, ``stats_interval``, ``local_group_id``) are
+read when present and take their defaults when not.  When the server's
+schema changes under us (``ovsdb-client convert``, or a restart on a newer
+database) the reader fetches it again and builds a new IDL.
+
+Loop contract (one thread, ``ovs.poller``)::
+
+    cfg.run()
+    if cfg.changed():
+        desired = cfg.desired()
+    ...
+    cfg.wait(poller)
+    poller.block()
+
+While OVSDB is away the last ``desired()`` stays valid and is returned
+again; after a reconnect the IDL resyncs and ``desired()`` yields equal
+values if nothing changed, so nothing is flushed needlessly.
+
+Problems in the configuration (an out-of-range value, a malformed
+other_config value, a target that does not parse) never raise: they are
+counted in ``stats``, kept in ``recent_warnings`` and logged with a rate
+limit, each distinct problem once while it persists.  Bad targets are
+kept in the values: the collector layer skips them.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import time
+from typing import Dict, List, Optional, Tuple, Union
+
+import netaddr
+import ovs.db.error
+import ovs.db.idl
+import ovs.json
+import ovs.jsonrpc
+import ovs.vlog
+
+from ovs_ipfix_py.options import (
+    DEFAULT_COLLECTOR_PORT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_SAMPLING,
+    DEFAULT_STATS_INTERVAL,
+    DEFAULT_TEMPLATE_INTERVAL,
+    MIN_MAX_MESSAGE_SIZE,
+    UINT32_MAX,
+    BridgeExporterOptions,
+    CacheOptions,
+    ExportOptions,
+    FlowExporterOptions,
+)
+
+vlog = ovs.vlog.Vlog("config")
+
+DB_NAME = "Open_vSwitch"
+
+#: Largest IPFIX message we agree to build (bytes): the IPFIX header's
+#: 16-bit length field (RFC 7011 section 3.1).
+MAX_MAX_MESSAGE_SIZE = 65535
+#: OVS carries virtualObsID in a short variable-length field (<= 254 B).
+VIRTUAL_OBS_ID_MAX_LEN = 254
+
+#: Integer column ranges from vswitch.ovsschema (IPFIX table).  The server
+#: enforces them too; checking again costs nothing and protects against a
+#: modified schema.  Values: (min, max, default).
+IPFIX_INT_COLUMNS = {
+    "sampling": (1, UINT32_MAX, DEFAULT_SAMPLING),
+    "obs_domain_id": (0, UINT32_MAX, 0),
+    "obs_point_id": (0, UINT32_MAX, 0),
+    "cache_active_timeout": (0, 4200, 0),
+    "cache_max_flows": (0, UINT32_MAX, 0),
+    "template_interval": (1, 3600, DEFAULT_TEMPLATE_INTERVAL),
+    "stats_interval": (1, 3600, DEFAULT_STATS_INTERVAL),
+}
+
+#: Columns we need, per table (None: the whole table).  Optional ones are
+#: registered only when the server's schema has them.
+_REQUIRED_COLUMNS = {
+    "Bridge": ["name", "ipfix"],
+    "IPFIX": ["targets", "other_config"],
+    "Flow_Sample_Collector_Set": ["id", "bridge", "ipfix"],
+}
+_OPTIONAL_COLUMNS = {
+    "Flow_Sample_Collector_Set": ["local_group_id"],
+}
+
+ExporterOptions = Union[BridgeExporterOptions, FlowExporterOptions]
+
+# A DNS host name (RFC 1123 section 2.1): dot-separated labels of letters,
+# digits and hyphens, not starting or ending with a hyphen.
+_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+class RateLimit:
+    """Token bucket in the manner of OVS's ``VLOG_RATE_LIMIT_INIT``.
+
+    ``rate``: messages per minute in the long run; ``burst``: how many may
+    go out at once.  ``allow(now)`` (``now`` in seconds, monotonic) says
+    whether one more may be logged and counts the ones it refuses in
+    ``dropped``.
+    """
+
+    def __init__(self, rate: float = 5, burst: int = 10) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last: Optional[float] = None
+        self.dropped = 0
+
+    def allow(self, now: Optional[float] = None) -> bool:
+        if now is None:
+            now = time.monotonic()
+        if self.last is not None:
+            self.tokens = min(self.burst, self.tokens
+                              + (now - self.last) * self.rate / 60.0)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.dropped += 1
+        return False
+
+
+def _parse_port(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"port {text!r} is not a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 1..65535")
+    return port
+
+
+def _check_host(host: str) -> None:
+    if not host:
+        raise ValueError("host is empty")
+    if netaddr.valid_ipv4(host) or netaddr.valid_ipv6(host):
+        return
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL_RE.match(x) for x in labels):
+        raise ValueError(f"{host!r} is neither an IP address nor a host "
+                         "name")
+    if labels[-1].isdigit():
+        # "10.0.0.300" or "127.1": meant as an address, not a name.
+        raise ValueError(f"{host!r} is not a valid IPv4 address")
+
+
+def parse_target(target: str) -> Tuple[str, int]:
+    """Split an IPFIX target into (host, port), the way OVS reads them.
+
+    Accepted forms: "IPv4:PORT", "[IPv6]:PORT", "HOST:PORT", and a bare
+    "IPv4", "[IPv6]", "IPv6" or "HOST" (port 4739, RFC 7011 section
+    10.3.4).  Addresses are checked with netaddr (strict inet_pton forms),
+    host names with RFC 1123's rules; nothing is resolved here.  Raises
+    ValueError saying what is wrong.
+    """
+    text = target.strip()
+    if not text:
+        raise ValueError("empty target")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("missing ']'")
+        host, rest = text[1:end], text[end + 1:]
+        if not netaddr.valid_ipv6(host):
+            raise ValueError(f"{host!r} is not an IPv6 address")
+        if not rest:
+            return host, DEFAULT_COLLECTOR_PORT
+        if not rest.startswith(":"):
+            raise ValueError(f"unexpected {rest!r} after ']'")
+        return host, _parse_port(rest[1:])
+    if text.count(":") > 1:
+        # More than one colon: only a bare IPv6 address makes sense.
+        if netaddr.valid_ipv6(text):
+            return text, DEFAULT_COLLECTOR_PORT
+        raise ValueError(f"{text!r} is not an IPv6 address (write "
+                         "[IPv6]:PORT to give a port)")
+    host, sep, port = text.partition(":")
+    _check_host(host)
+    return host, (_parse_port(port) if sep else DEFAULT_COLLECTOR_PORT)
+
+
+def _split_remotes(remote: str) -> List[str]:
+    """"unix:a,tcp:b:1" -> ["unix:a", "tcp:b:1"], as ovs.db.idl does."""
+    remotes: List[str] = []
+    for part in remote.split(","):
+        if remotes and ":" not in part:
+            remotes[-1] += "," + part
+        else:
+            remotes.append(part)
+    return remotes
+
+
+def _schema_id(schema_json) -> Tuple[str, str]:
+    """(version, cksum) of a schema as JSON, for change detection."""
+    if not isinstance(schema_json, dict):
+        return ("", "")
+    return (str(schema_json.get("version", "")),
+            str(schema_json.get("cksum", "")))
+
+
+class _Reading:
+    """Warnings met while turning one snapshot of rows into values."""
+
+    def __init__(self) -> None:
+        self.problems: Dict[str, str] = {}
+
+    def warn(self, key: str, text: str) -> None:
+        self.problems.setdefault(key, text)
+
+
+class ConfigReader:
+    """The IPFIX configuration in OVSDB, as option values.
+
+    ``remote``: an OVSDB remote as ovs.jsonrpc takes it ("unix:PATH",
+    "tcp:IP:PORT", "ssl:IP:PORT", or several separated by commas; for ssl
+    the caller sets ovs.stream.Stream's key, certificate and CA first).
+    ``probe_interval`` (ms): inactivity probe, None for OVS's default.
+
+    ``stats`` counts: ``schema_fetches`` (successful), ``schema_errors``,
+    ``schema_changes``, ``config_warnings`` (distinct problems met),
+    ``log_suppressed`` (warnings not logged because of the rate limit).
+    """
+
+    def __init__(self, remote: str, probe_interval: Optional[int] = None,
+                 log_rate: float = 5, log_burst: int = 10) -> None:
+        self.remote = remote
+        self.probe_interval = probe_interval
+        self.stats: collections.Counter = collections.Counter()
+        self.recent_warnings: collections.deque = collections.deque(
+            maxlen=32)
+        self._rl = RateLimit(log_rate, log_burst)
+        self._problems: Dict[str, str] = {}
+
+        self._idl: Optional[ovs.db.idl.Idl] = None
+        self._schema_id: Tuple[str, str] = ("", "")
+        self._ipfix_columns: frozenset = frozenset()
+        self._fscs_columns: frozenset = frozenset()
+        self._server_schema_text: Optional[str] = None
+
+        self._session: Optional[ovs.jsonrpc.Session] = None
+        self._request_id = None
+        self._request_seqno: Optional[int] = None
+
+        self._seen_idl: Optional[ovs.db.idl.Idl] = None
+        self._seen_seqno = -1
+        self._desired: Dict[Tuple, ExporterOptions] = {}
+        self._start_schema_fetch()
+
+    # ----------------------------------------------------------- loop --
+
+    def run(self) -> None:
+        """Does whatever the connection needs: fetch the schema, process
+        the IDL's messages, notice a schema change.  Never blocks."""
+        if self._session is not None:
+            self._run_schema_fetch()
+        if self._idl is not None:
+            self._idl.run()
+            self._check_server_schema()
+
+    def wait(self, poller) -> None:
+        """Wakes ``poller`` for IDL traffic, schema-fetch traffic and the
+        next reconnection attempt."""
+        if self._session is not None:
+            self._session.wait(poller)
+            self._session.recv_wait(poller)
+        if self._idl is not None:
+            self._idl.wait(poller)
+
+    def changed(self) -> bool:
+        """True when the replica moved since the last ``desired()`` (also
+        after a reconnect, when ``desired()`` gives equal values)."""
+        idl = self._idl
+        if idl is None or not idl.has_ever_connected():
+            return False
+        return idl is not self._seen_idl or idl.change_seqno != \
+            self._seen_seqno
+
+    def desired(self) -> Dict[Tuple, ExporterOptions]:
+        """The exporters OVSDB asks for: {options.key: options}.
+
+        Before the first sync (or while a new schema is being fetched) the
+        last result is returned again, initially {}.
+        """
+        idl = self._idl
+        if idl is not None and idl.has_ever_connected():
+            self._seen_idl, self._seen_seqno = idl, idl.change_seqno
+            self._desired = self._read(idl)
+        return dict(self._desired)
+
+    @property
+    def connected(self) -> bool:
+        """True while the IDL is connected and monitoring the database."""
+        idl = self._idl
+        # Idl has no public "is connected"; its session is stable API in
+        # every ovs release since 2.x.
+        return (idl is not None and idl._session.is_connected()
+                and idl.state == ovs.db.idl.Idl.IDL_S_MONITORING)
+
+    @property
+    def schema_version(self) -> Optional[str]:
+        """The server's Open_vSwitch schema version in use, or None."""
+        return self._schema_id[0] or None
+
+    def close(self) -> None:
+        """Drops the connections.  The reader is useless afterwards."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._idl is not None:
+            self._idl.close()
+            self._idl = None
+
+    # --------------------------------------------------- schema fetch --
+
+    def _start_schema_fetch(self) -> None:
+        self._session = ovs.jsonrpc.Session.open_multiple(
+            _split_remotes(self.remote), probe_interval=self.probe_interval)
+        self._request_id = None
+        self._request_seqno = None
+
+    def _run_schema_fetch(self) -> None:
+        session = self._session
+        session.run()
+        if not session.is_connected():
+            return
+        if session.get_seqno() != self._request_seqno:
+            # A new connection: (re)send the request on it.
+            request = ovs.jsonrpc.Message.create_request("get_schema",
+                                                         [DB_NAME])
+            self._request_id = request.id
+            self._request_seqno = session.get_seqno()
+            session.send(request)
+        for _ in range(50):
+            msg = session.recv()
+            if msg is None:
+                return
+            if msg.id != self._request_id or msg.type not in (
+                    ovs.jsonrpc.Message.T_REPLY,
+                    ovs.jsonrpc.Message.T_ERROR):
+                continue
+            if msg.type == ovs.jsonrpc.Message.T_ERROR:
+                error = ovs.json.to_string(msg.error)
+                self._schema_failed(f"server refused get_schema: {error}")
+                return
+            try:
+                idl = self._make_idl(msg.result)
+            except (ovs.db.error.Error, ValueError, KeyError, TypeError,
+                    AssertionError) as e:
+                self._schema_failed(f"unusable {DB_NAME} schema: {e}")
+                return
+            session.close()
+            self._session = None
+            self._idl = idl
+            self.stats["schema_fetches"] += 1
+            vlog.info(f"{self.remote}: using {DB_NAME} schema "
+                      f"{self._schema_id[0]}")
+            return
+
+    def _schema_failed(self, text: str) -> None:
+        self.stats["schema_errors"] += 1
+        self._log(f"{self.remote}: {text}; retrying")
+        # Reconnect with backoff, then ask again on the new connection.
+        self._session.force_reconnect()
+
+    def _make_idl(self, schema_json) -> ovs.db.idl.Idl:
+        """Builds the IDL for the tables and columns we read, from the
+        server's own schema.  Raises ValueError if it lacks any."""
+        tables = schema_json["tables"]
+        helper = ovs.db.idl.SchemaHelper(schema_json=schema_json)
+        for table, columns in _REQUIRED_COLUMNS.items():
+            present = tables.get(table, {}).get("columns", {})
+            missing = [c for c in columns if c not in present]
+            if missing:
+                raise ValueError(f"table {table} lacks column(s) "
+                                 f"{', '.join(missing)}")
+            columns = columns + [c for c in _OPTIONAL_COLUMNS.get(table, [])
+                                 if c in present]
+            if table == "IPFIX":
+                # All of it: new columns are read as they appear.
+                helper.register_table(table)
+            else:
+                helper.register_columns(table, columns)
+        ipfix_columns = frozenset(tables["IPFIX"]["columns"])
+        fscs_columns = frozenset(
+            tables["Flow_Sample_Collector_Set"]["columns"])
+        schema_id = _schema_id(schema_json)
+        idl = ovs.db.idl.Idl(self.remote, helper,
+                             probe_interval=self.probe_interval)
+        self._ipfix_columns = ipfix_columns
+        self._fscs_columns = fscs_columns
+        self._schema_id = schema_id
+        self._server_schema_text = None
+        return idl
+
+    def _check_server_schema(self) -> None:
+        """Refetches the schema when the server's one changes (the IDL
+        follows _Server.Database for us; we only look at it)."""
+        tables = getattr(self._idl, "server_tables", None)
+        if not tables or "Database" not in tables:
+            return
+        for row in tables["Database"].rows.values():
+            if getattr(row, "name", None) != DB_NAME:
+                continue
+            text = row.schema[0] if row.schema else None
+            if not text or text == self._server_schema_text:
+                return
+            self._server_schema_text = text
+            schema_json = ovs.json.from_string(text)
+            if not isinstance(schema_json, dict):
+                return  # ovs.json returns a message string on bad JSON.
+            schema_id = _schema_id(schema_json)
+            if schema_id != self._schema_id:
+                self.stats["schema_changes"] += 1
+                vlog.info(f"{self.remote}: {DB_NAME} schema changed from "
+                          f"{self._schema_id[0]} to {schema_id[0]}, "
+                          "reloading")
+                # Keep self._desired: it stays valid until the new IDL
+                # has synced.
+                self._idl.close()
+                self._idl = None
+                self._start_schema_fetch()
+            return
+
+    # -------------------------------------------------- rows -> values --
+
+    def _read(self, idl) -> Dict[Tuple, ExporterOptions]:
+        reading = _Reading()
+        out: Dict[Tuple, ExporterOptions] = {}
+        for br in idl.tables["Bridge"].rows.values():
+            ipfix = br.ipfix
+            if not ipfix or ipfix[0] is None:
+                continue
+            row = ipfix[0]
+            if not row.targets:
+                # OVS disables an exporter with no target.
+                continue
+            where = f"bridge {br.name}"
+            opts = BridgeExporterOptions(
+                bridge=br.name,
+                export=self._export_options(row, where, reading),
+                sampling=self._int(row, "sampling", where, reading),
+                obs_domain_id=self._int(row, "obs_domain_id", where,
+                                        reading),
+                obs_point_id=self._int(row, "obs_point_id", where, reading),
+                enable_input_sampling=self._bool(
+                    row, "enable-input-sampling", True, where, reading),
+                enable_output_sampling=self._bool(
+                    row, "enable-output-sampling", True, where, reading))
+            out[opts.key] = opts
+        for fs in idl.tables["Flow_Sample_Collector_Set"].rows.values():
+            ipfix = fs.ipfix
+            if not ipfix or ipfix[0] is None or not ipfix[0].targets:
+                # No IPFIX (e.g. a local-sampling-only set): nothing to us.
+                continue
+            bridge = fs.bridge
+            if not isinstance(bridge, ovs.db.idl.Row):
+                continue
+            local_group_id = None
+            if "local_group_id" in self._fscs_columns and fs.local_group_id:
+                local_group_id = fs.local_group_id[0]
+            where = f"bridge {bridge.name} collector set {fs.id}"
+            opts = FlowExporterOptions(
+                bridge=bridge.name, collector_set_id=fs.id,
+                export=self._export_options(ipfix[0], where, reading),
+                local_group_id=local_group_id)
+            out[opts.key] = opts
+        self._report(reading)
+        return out
+
+    def _export_options(self, row, where: str,
+                        reading: _Reading) -> ExportOptions:
+        targets = tuple(sorted(row.targets))
+        for target in targets:
+            try:
+                parse_target(target)
+            except ValueError as e:
+                reading.warn(
+                    f"target {where} {target!r}",
+                    f"{where}: IPFIX target {target!r} is not IP:PORT, "
+                    f"[IPv6]:PORT, HOST:PORT or a bare address/host ({e}); "
+                    "the collector layer will skip it")
+        return ExportOptions(
+            targets=targets,
+            cache=CacheOptions(
+                active_timeout=self._int(row, "cache_active_timeout",
+                                         where, reading),
+                max_flows=self._int(row, "cache_max_flows", where,
+                                    reading)),
+            template_interval=self._int(row, "template_interval", where,
+                                        reading),
+            stats_interval=self._int(row, "stats_interval", where,
+                                     reading),
+            max_message_size=self._max_message_size(row, where, reading),
+            enable_tunnel_sampling=self._bool(
+                row, "enable-tunnel-sampling", True, where, reading),
+            virtual_obs_id=self._virtual_obs_id(row, where, reading))
+
+    def _int(self, row, column: str, where: str, reading: _Reading) -> int:
+        lo, hi, default = IPFIX_INT_COLUMNS[column]
+        if column not in self._ipfix_columns:
+            return default  # An older schema: the column does not exist.
+        value = getattr(row, column)
+        if not value:
+            return default
+        value = value[0]
+        if lo <= value <= hi:
+            return value
+        clamped = min(max(value, lo), hi)
+        reading.warn(f"{where} {column}",
+                     f"{where}: IPFIX {column}={value} is out of range "
+                     f"{lo}..{hi}, using {clamped}")
+        return clamped
+
+    @staticmethod
+    def _bool(row, key: str, default: bool, where: str,
+              reading: _Reading) -> bool:
+        value = row.other_config.get(key)
+        if value is None:
+            return default
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        reading.warn(f"{where} {key}",
+                     f"{where}: IPFIX other_config:{key}={value!r} is not "
+                     f"true or false, using {str(default).lower()}")
+        return default
+
+    @staticmethod
+    def _max_message_size(row, where: str, reading: _Reading) -> int:
+        value = row.other_config.get("max-message-size")
+        if value is None:
+            return DEFAULT_MAX_MESSAGE_SIZE
+        key = f"{where} max-message-size"
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()):
+            reading.warn(key, f"{where}: IPFIX other_config:max-message-size"
+                         f"={value!r} is not a number of bytes, using "
+                         f"{DEFAULT_MAX_MESSAGE_SIZE}")
+            return DEFAULT_MAX_MESSAGE_SIZE
+        size = int(text)
+        clamped = min(max(size, MIN_MAX_MESSAGE_SIZE), MAX_MAX_MESSAGE_SIZE)
+        if clamped != size:
+            reading.warn(key, f"{where}: IPFIX other_config:max-message-size"
+                         f"={size} is out of range {MIN_MAX_MESSAGE_SIZE}.."
+                         f"{MAX_MAX_MESSAGE_SIZE}, using {clamped}")
+        return clamped
+
+    @staticmethod
+    def _virtual_obs_id(row, where: str,
+                        reading: _Reading) -> Optional[str]:
+        value = row.other_config.get("virtual_obs_id")
+        if not value:
+            return None
+        size = len(value.encode("utf-8"))
+        if size > VIRTUAL_OBS_ID_MAX_LEN:
+            # OVS disables the whole exporter; we only drop the name.
+            reading.warn(f"{where} virtual_obs_id",
+                         f"{where}: IPFIX other_config:virtual_obs_id is "
+                         f"{size} bytes long, more than "
+                         f"{VIRTUAL_OBS_ID_MAX_LEN}: ignored")
+            return None
+        return value
+
+    # ------------------------------------------------------- logging --
+
+    def _report(self, reading: _Reading) -> None:
+        """Logs the problems that are new since the previous reading."""
+        for key, text in reading.problems.items():
+            if self._problems.get(key) == text:
+                continue
+            self.stats["config_warnings"] += 1
+            self.recent_warnings.append(text)
+            self._log(text)
+        self._problems = reading.problems
+
+    def _log(self, text: str) -> None:
+        if self._rl.allow():
+            vlog.warn(text)
+        else:
+            self.stats["log_suppressed"] += 1

@@ -1,0 +1,348 @@
+"""One exporter: flow cache + message writer + collectors + statistics.
+
+There is one exporter per bridge with ``Bridge.ipfix`` set (bridge
+sampling) and one per (bridge, collector set id) (flow sampling), as in
+OVS.  Samples go in with ``sample_bridge()`` / ``sample_flow()``;
+``run(now)`` expires what is due and sends it, re-sends templates and
+exporter statistics on their intervals; ``next_deadline()`` says when
+``run`` next has work, so a poll loop can sleep until exactly then.
+
+All times are seconds (float) on one clock passed in as ``now``: the
+caller's wall clock, since the IPFIX header carries wall-clock export
+time.  Deadlines are computed and waited on that same clock (OVS
+computes its expiry deadline on the wall clock but waits on the
+monotonic one, so its timeouts fire late).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Dict, List, Optional
+
+from ovs_ipfix_py import flowcache, message, packet
+from ovs_ipfix_py import templates as t
+from ovs_ipfix_py.collector import CollectorSet
+from ovs_ipfix_py.options import (
+    UINT16_MAX,
+    UINT32_MAX,
+    BridgeExporterOptions,
+    FlowExporterOptions,
+)
+from ovs_ipfix_py.ratelimit import RateLimitedLog
+
+log = RateLimitedLog("exporter")
+
+#: Cache key prefix: observation domain id, template id.
+KEY_PREFIX = struct.Struct("!IH")
+_AGG = struct.Struct("!IIQQB")
+_IP_AGG = struct.Struct("!QQQQ")
+_TCP_AGG = struct.Struct("!H")
+_STATS_RECORD = struct.Struct("!IQQQ")
+_BFD_PORTS = (3784, 3785)
+
+
+class ExporterStats:
+    """Counters, named and printed as ``ovs-ofctl dump-ipfix-bridge``.
+
+    ``flows``: flows created; ``current_flows``: flows cached now;
+    ``pkts``: samples taken; ``ipv4_ok``/``ipv6_ok``/``ipv4_errs``/
+    ``ipv6_errs``/``errs`` classify them as OVS does; ``tx_pkts``/
+    ``tx_errs``: messages sent/failed, per collector.  Beyond OVS:
+    ``records`` exported, and the RFC 7011 section 4.3 not-sent totals.
+    """
+
+    __slots__ = ("flows", "current_flows", "pkts", "ipv4_ok", "ipv6_ok",
+                 "tx_pkts", "errs", "ipv4_errs", "ipv6_errs", "tx_errs",
+                 "records", "not_sent_flows", "not_sent_packets",
+                 "not_sent_octets", "dropped_samples")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> Dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def format(self, indent: str = "") -> str:
+        """Two lines, in the words of ovs-ofctl dump-ipfix-bridge."""
+        return ("flows=%d, current flows=%d, sampled pkts=%d, ipv4 ok=%d, "
+                "ipv6 ok=%d, tx pkts=%d\n%spkts errs=%d, ipv4 errs=%d, "
+                "ipv6 errs=%d, tx errs=%d"
+                % (self.flows, self.current_flows, self.pkts, self.ipv4_ok,
+                   self.ipv6_ok, self.tx_pkts, indent, self.errs,
+                   self.ipv4_errs, self.ipv6_errs, self.tx_errs))
+
+
+class Exporter:
+    """An IPFIX exporter for one bridge or one flow collector set."""
+
+    def __init__(self, options, now: float):
+        self.options = options
+        self.stats = ExporterStats()
+        self.is_bridge = isinstance(options, BridgeExporterOptions)
+        if not (self.is_bridge
+                or isinstance(options, FlowExporterOptions)):
+            raise TypeError("not exporter options: %r" % (options,))
+        self.exporting_process_id = zlib.crc32(
+            repr(options.key).encode()) & UINT32_MAX
+        self.collectors = CollectorSet(options.export.targets)
+        self.writer = message.MessageWriter(
+            options.export.max_message_size,
+            options.export.template_interval)
+        cache_opts = options.export.cache
+        self.cache = flowcache.FlowCache(cache_opts.active_timeout,
+                                         cache_opts.max_flows)
+        self.next_stats = now + options.export.stats_interval
+        self._set_bridge_params()
+
+    # -- configuration ----------------------------------------------------
+
+    def _set_bridge_params(self):
+        o = self.options
+        if self.is_bridge:
+            self._count = UINT32_MAX // o.probability
+            self._heads = {}
+
+    @property
+    def name(self) -> str:
+        return self.options.name
+
+    def reconfigure(self, options, now: float) -> None:
+        """Apply new options: first flush everything cached as forced end
+        to the current collectors, then switch.  New sockets (and so new
+        transport sessions, with sequence numbers from 0) only when the
+        targets changed; templates are sent afresh either way.
+        """
+        if options == self.options:
+            return
+        self.flush(now)
+        old = self.options.export
+        new = options.export
+        self.options = options
+        if new.targets != old.targets:
+            self.collectors.close()
+            self.collectors = CollectorSet(new.targets)
+            self.writer = message.MessageWriter(new.max_message_size,
+                                                new.template_interval)
+        else:
+            self.writer.max_size = new.max_message_size
+            self.writer.template_interval = new.template_interval
+            for state in self.writer.domains.values():
+                state.templates.clear()
+                state.options_templates.clear()
+                state.last_refresh = None
+        self.cache.active_timeout = new.cache.active_timeout
+        self.cache.max_flows = new.cache.max_flows
+        if new.stats_interval != old.stats_interval:
+            self.next_stats = now + new.stats_interval
+        self._set_bridge_params()
+
+    def close(self, now: float) -> None:
+        """Flush as forced end, send final statistics, close sockets."""
+        self.flush(now)
+        self._send_stats(now)
+        self.collectors.close()
+
+    # -- samples ----------------------------------------------------------
+
+    def sample_bridge(self, frame: bytes, orig_len: int, input_port: int,
+                      output_port: Optional[int], now: float) -> None:
+        """One bridge sample; counts UINT32_MAX // probability packets.
+
+        ``output_port`` None means an ingress sample.  BFD packets (UDP
+        to port 3784/3785) are skipped, as OVS skips them.
+        """
+        o = self.options
+        if output_port is None:
+            if not o.enable_input_sampling:
+                self.stats.dropped_samples += 1
+                return
+            direction = t.INGRESS
+            output_port = 0
+        else:
+            if not o.enable_output_sampling:
+                self.stats.dropped_samples += 1
+                return
+            direction = t.EGRESS
+        self._sample(frame, orig_len, self._count, o.obs_domain_id,
+                     o.obs_point_id, direction, input_port, output_port,
+                     now, True)
+
+    def sample_flow(self, frame: bytes, orig_len: int, input_port: int,
+                    output_port: Optional[int], probability: int,
+                    obs_domain_id: int, obs_point_id: int, direction: int,
+                    now: float) -> None:
+        """One flow sample (OpenFlow ``sample`` action).
+
+        Counts 65535 // ``probability`` packets.  ``direction`` as OVS's
+        NX_ACTION_SAMPLE_*: 1 ingress, 2 egress, 0 by output port.
+        """
+        if probability <= 0:
+            self.stats.dropped_samples += 1
+            log.warn("%s: flow sample with probability 0 dropped",
+                     self.name)
+            return
+        if direction == 1:
+            d = t.INGRESS
+        elif direction == 2:
+            d = t.EGRESS
+        else:
+            d = t.INGRESS if output_port is None else t.EGRESS
+        self._sample(frame, orig_len, UINT16_MAX // probability,
+                     obs_domain_id, obs_point_id, d, input_port,
+                     output_port or 0, now, False)
+
+    def _sample(self, frame, orig_len, count, domain, point, direction,
+                in_port, out_port, now, skip_bfd):
+        fk = packet.parse(frame, point, direction, in_port, out_port)
+        if skip_bfd and fk.udp_dst_port in _BFD_PORTS:
+            return
+        st = self.stats
+        st.pkts += 1
+        kind = fk.kind
+        if kind == packet.IPV4_OK:
+            st.ipv4_ok += 1
+        elif kind == packet.IPV6_OK:
+            st.ipv6_ok += 1
+        elif kind == packet.IPV4_ERR:
+            st.ipv4_errs += 1
+            st.errs += 1
+        elif kind == packet.IPV6_ERR:
+            st.ipv6_errs += 1
+            st.errs += 1
+        frame_len = orig_len if orig_len > len(frame) else len(frame)
+        ip_len = frame_len - fk.eth_header_len if fk.is_ip else 0
+        if self.cache.add(KEY_PREFIX.pack(domain, fk.template_id) + fk.key,
+                          now, count, frame_len, ip_len, fk.tcp_flags):
+            st.flows += 1
+
+    # -- export -----------------------------------------------------------
+
+    def flush(self, now: float) -> int:
+        """Export every cached flow as forced end; returns how many."""
+        n = self.cache.flush(now)
+        self._export_expired(now)
+        return n
+
+    def run(self, now: float) -> None:
+        """Expire what is due, send it; template refresh; statistics."""
+        self.cache.expire(now)
+        self._export_expired(now)
+        for domain in self.writer.refresh_due(now):
+            for msg in self.writer.template_messages(domain, now):
+                self._send(msg)
+        if now >= self.next_stats:
+            self._send_stats(now)
+            self.next_stats = now + self.options.export.stats_interval
+        self.stats.current_flows = len(self.cache)
+
+    def next_deadline(self) -> Optional[float]:
+        """When ``run`` next has timed work (s, same clock as ``now``)."""
+        times = [x for x in (self.cache.next_deadline(),
+                             self.writer.next_refresh(), self.next_stats)
+                 if x is not None]
+        if self.cache.expired:
+            return float("-inf")
+        return min(times) if times else None
+
+    def _export_expired(self, now: float) -> None:
+        flows = self.cache.take_expired()
+        self.stats.current_flows = len(self.cache)
+        if not flows:
+            return
+        et_us = message.export_time(now) * 1000000
+        by_domain: Dict[int, Dict[int, List]] = {}
+        get_template = t.get
+        for f in flows:
+            domain, tid = KEY_PREFIX.unpack_from(f.key)
+            start_delta = et_us - int(round(f.start * 1e6))
+            end_delta = et_us - int(round(f.end * 1e6))
+            rec = f.key[6:] + _AGG.pack(
+                _clamp32(start_delta), _clamp32(end_delta), f.packets,
+                f.l2_octets, f.reason)
+            template = get_template(tid)
+            if template.l3:
+                rec += _IP_AGG.pack(f.octets, f.sumsq, f.min_len, f.max_len)
+                if template.l4 == t.L4_TCP:
+                    rec += _TCP_AGG.pack(f.tcp_flags)
+            octets = f.octets if template.l3 else f.l2_octets
+            by_domain.setdefault(domain, {}).setdefault(tid, []).append(
+                (rec, (f.packets, octets)))
+        self.stats.records += len(flows)
+        for domain, groups in by_domain.items():
+            msgs = self.writer.data_messages(
+                domain, now,
+                [(tid, get_template(tid).record, recs)
+                 for tid, recs in groups.items()])
+            for msg in msgs:
+                self._send(msg)
+
+    def _domains(self) -> List[int]:
+        domains = list(self.writer.domains)
+        if not domains and self.is_bridge:
+            domains = [self.options.obs_domain_id]
+        return domains
+
+    def _send_stats(self, now: float) -> None:
+        """Exporting process reliability statistics (RFC 7011 4.3).
+
+        The options template goes in the same message, before its data,
+        the first time in each domain (and on each template refresh).
+        """
+        st = self.stats
+        tmpl = t.exporter_stats_template()
+        for domain in self._domains():
+            rec = _STATS_RECORD.pack(
+                self.exporting_process_id, st.not_sent_flows,
+                st.not_sent_packets, st.not_sent_octets)
+            for msg in self.writer.data_messages(
+                    domain, now, [(tmpl.id, tmpl.record, [rec])],
+                    options=True):
+                self._send(msg)
+
+    def _send(self, msg: message.Message) -> None:
+        ok, err = self.collectors.send(msg)
+        st = self.stats
+        st.tx_pkts += ok
+        st.tx_errs += err
+        if not len(self.collectors):
+            err = 1   # nowhere to send: the records are lost
+        if err and msg.data_records:
+            st.not_sent_flows += err * len(msg.data_records)
+            st.not_sent_packets += err * sum(
+                p for p, _ in msg.data_records)
+            st.not_sent_octets += err * sum(
+                o for _, o in msg.data_records)
+
+    # -- introspection ----------------------------------------------------
+
+    def show(self) -> str:
+        """A header line naming the exporter, then its counters."""
+        o = self.options
+        if self.is_bridge:
+            head = "bridge %s: " % o.bridge
+        else:
+            head = "bridge %s id %d: " % (o.bridge, o.collector_set_id)
+        self.stats.current_flows = len(self.cache)
+        lines = [head + self.stats.format(" " * len(head))]
+        lines.append("%scache: %d flows, active timeout %ds, max flows %d"
+                     % (" " * len(head), len(self.cache),
+                        o.export.cache.active_timeout,
+                        o.export.cache.max_flows))
+        lines.append("%scollectors: %s" % (
+            " " * len(head),
+            ", ".join("%s (tx %d, errs %d)" % (c.spec, c.tx_packets,
+                                                c.tx_errors)
+                      for c in self.collectors.collectors) or "none"))
+        for spec, why in self.collectors.bad_targets:
+            lines.append("%sbad target %s: %s" % (" " * len(head), spec,
+                                                  why))
+        return "\n".join(lines)
+
+
+def _clamp32(value: int) -> int:
+    """Delta timestamps are unsigned32: never negative, never wrapped."""
+    if value < 0:
+        return 0
+    return value if value <= UINT32_MAX else UINT32_MAX

@@ -1,0 +1,221 @@
+"""Template layouts and their stable ids.
+
+A data record's layout is fixed by four choices, as in OVS's
+ofproto-dpif-ipfix.c: L2 (plain Ethernet | VLAN), L3 (non-IP | IPv4 |
+IPv6), L4 (none | TCP | UDP | SCTP | ICMP) and flow direction (ingress |
+egress: egress records also carry egressInterface).  Each combination
+has one template whose id never changes:
+
+    id = 256 + ((l2 * 3 + l3) * 5 + l4) * 2 + direction
+
+Non-IP layouts have no L4 part, so 44 of the 60 ids are used.  Options
+templates (exporter statistics) use ids above that range.
+
+Templates are lists of information element names; ids, types and
+lengths come from the element table under ``schemas/``.  A few
+elements are sent in reduced size (RFC 7011 section 6.2), as OVS sends
+them: observationPointId in 4 bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Dict, List, NamedTuple, Tuple
+
+from ovs_ipfix_py import elements
+
+L2_ETH, L2_VLAN = 0, 1
+L3_NONE, L3_IPV4, L3_IPV6 = 0, 1, 2
+L4_NONE, L4_TCP, L4_UDP, L4_SCTP, L4_ICMP = 0, 1, 2, 3, 4
+INGRESS, EGRESS = 0, 1
+
+TEMPLATE_ID_MIN = 256
+#: Options template: exporting process reliability statistics
+#: (RFC 7011 section 4.3).
+OPTIONS_EXPORTER_STATS_ID = 320
+
+# (name, encoded length).  The key part comes first, in OVS's order.
+_COMMON_KEY = [
+    ("observationPointId", 4),
+    ("flowDirection", 1),
+    ("sourceMacAddress", 6),
+    ("destinationMacAddress", 6),
+    ("ethernetType", 2),
+    ("ethernetHeaderLength", 1),
+    ("ingressInterface", 4),
+]
+_EGRESS_KEY = [("egressInterface", 4)]
+_VLAN_KEY = [("vlanId", 2), ("dot1qVlanId", 2), ("dot1qPriority", 1)]
+_IP_KEY = [
+    ("ipVersion", 1),
+    ("ipTTL", 1),
+    ("protocolIdentifier", 1),
+    ("ipDiffServCodePoint", 1),
+    ("ipPrecedence", 1),
+    ("ipClassOfService", 1),
+]
+_IPV4_KEY = [("sourceIPv4Address", 4), ("destinationIPv4Address", 4)]
+_IPV6_KEY = [
+    ("sourceIPv6Address", 16),
+    ("destinationIPv6Address", 16),
+    ("flowLabelIPv6", 4),
+]
+_PORTS_KEY = [("sourceTransportPort", 2), ("destinationTransportPort", 2)]
+_ICMP4_KEY = [("icmpTypeIPv4", 1), ("icmpCodeIPv4", 1)]
+_ICMP6_KEY = [("icmpTypeIPv6", 1), ("icmpCodeIPv6", 1)]
+
+_COMMON_AGG = [
+    ("flowStartDeltaMicroseconds", 4),
+    ("flowEndDeltaMicroseconds", 4),
+    ("packetDeltaCount", 8),
+    ("layer2OctetDeltaCount", 8),
+    ("flowEndReason", 1),
+]
+_IP_AGG = [
+    ("octetDeltaCount", 8),
+    ("octetDeltaSumOfSquares", 8),
+    ("minimumIpTotalLength", 8),
+    ("maximumIpTotalLength", 8),
+]
+_TCP_AGG = [("tcpControlBits", 2)]
+
+_STATS_SCOPE = [("exportingProcessId", 4)]
+_STATS_FIELDS = [
+    ("notSentFlowTotalCount", 8),
+    ("notSentPacketTotalCount", 8),
+    ("notSentOctetTotalCount", 8),
+]
+
+
+class Template(NamedTuple):
+    """One template: its id, fields and the encoded template record.
+
+    ``key_fields`` / ``agg_fields``: (name, length) pairs of the flow
+    key and of the aggregated part.  ``record`` is the template record
+    (header and field specifiers) ready to put in a template set;
+    ``data_length`` the fixed length of one data record in bytes.
+    """
+
+    id: int
+    l2: int
+    l3: int
+    l4: int
+    direction: int
+    key_fields: Tuple[Tuple[str, int], ...]
+    agg_fields: Tuple[Tuple[str, int], ...]
+    record: bytes
+    data_length: int
+
+    @property
+    def fields(self) -> Tuple[Tuple[str, int], ...]:
+        return self.key_fields + self.agg_fields
+
+    @property
+    def key_length(self) -> int:
+        return sum(length for _, length in self.key_fields)
+
+
+class OptionsTemplate(NamedTuple):
+    """An options template (set id 3): scope fields then the others."""
+
+    id: int
+    scope_fields: Tuple[Tuple[str, int], ...]
+    fields: Tuple[Tuple[str, int], ...]
+    record: bytes
+    data_length: int
+
+
+def template_id(l2: int, l3: int, l4: int, direction: int) -> int:
+    """The stable template id of a layout."""
+    return TEMPLATE_ID_MIN + ((l2 * 3 + l3) * 5 + l4) * 2 + direction
+
+
+def _field_specifiers(fields) -> bytes:
+    """Encode field specifiers (RFC 7011 section 3.2).
+
+    Enterprise-specific elements set the top bit of the element id and
+    carry their PEN.
+    """
+    out = []
+    for name, length in fields:
+        element = elements.lookup(name)
+        if not elements.reduced_size_ok(element, length):
+            raise ValueError("%s cannot be encoded in %d bytes"
+                             % (name, length))
+        if element.pen:
+            out.append(struct.pack("!HHI", element.id | 0x8000, length,
+                                   element.pen))
+        else:
+            out.append(struct.pack("!HH", element.id, length))
+    return b"".join(out)
+
+
+def _layout_fields(l2, l3, l4, direction):
+    key = list(_COMMON_KEY)
+    if direction == EGRESS:
+        key += _EGRESS_KEY
+    if l2 == L2_VLAN:
+        key += _VLAN_KEY
+    agg = list(_COMMON_AGG)
+    if l3 != L3_NONE:
+        key += _IP_KEY
+        key += _IPV4_KEY if l3 == L3_IPV4 else _IPV6_KEY
+        if l4 in (L4_TCP, L4_UDP, L4_SCTP):
+            key += _PORTS_KEY
+        elif l4 == L4_ICMP:
+            key += _ICMP4_KEY if l3 == L3_IPV4 else _ICMP6_KEY
+        agg += _IP_AGG
+        if l4 == L4_TCP:
+            agg += _TCP_AGG
+    return tuple(key), tuple(agg)
+
+
+def _build_all() -> Dict[int, Template]:
+    out = {}
+    for l2 in (L2_ETH, L2_VLAN):
+        for l3 in (L3_NONE, L3_IPV4, L3_IPV6):
+            l4s = ((L4_NONE,) if l3 == L3_NONE
+                   else (L4_NONE, L4_TCP, L4_UDP, L4_SCTP, L4_ICMP))
+            for l4 in l4s:
+                for direction in (INGRESS, EGRESS):
+                    tid = template_id(l2, l3, l4, direction)
+                    key, agg = _layout_fields(l2, l3, l4, direction)
+                    fields = key + agg
+                    record = (struct.pack("!HH", tid, len(fields))
+                              + _field_specifiers(fields))
+                    out[tid] = Template(
+                        tid, l2, l3, l4, direction, key, agg, record,
+                        sum(length for _, length in fields))
+    return out
+
+
+def _build_stats() -> OptionsTemplate:
+    fields = _STATS_SCOPE + _STATS_FIELDS
+    # RFC 7011 section 3.4.2.2: the Scope Field Count MUST NOT be zero.
+    record = (struct.pack("!HHH", OPTIONS_EXPORTER_STATS_ID, len(fields),
+                          len(_STATS_SCOPE))
+              + _field_specifiers(fields))
+    return OptionsTemplate(OPTIONS_EXPORTER_STATS_ID, tuple(_STATS_SCOPE),
+                           tuple(_STATS_FIELDS), record,
+                           sum(length for _, length in fields))
+
+
+_TEMPLATES: Dict[int, Template] = {}
+_STATS: List[OptionsTemplate] = []
+
+
+def all_templates() -> Dict[int, Template]:
+    """Every data template by id (built once, on first use)."""
+    if not _TEMPLATES:
+        _TEMPLATES.update(_build_all())
+    return _TEMPLATES
+
+
+def get(tid: int) -> Template:
+    return all_templates()[tid]
+
+
+def exporter_stats_template() -> OptionsTemplate:
+    if not _STATS:
+        _STATS.append(_build_stats())
+    return _STATS[0]

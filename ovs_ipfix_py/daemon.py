@@ -1,0 +1,284 @@
+"""``ovs-ipfix-exporter``: the daemon.
+
+One process, one thread, one ``ovs.poller`` loop in the OVS manner::
+
+    while not exiting:
+        config.run()            # OVSDB (ovs.db.idl) -> option values
+        reconcile if changed    # running exporters follow the values
+        channel.run()           # upcalls -> exporters' caches
+        exporter.run(now)       # expire, export, refresh templates
+        unixctl.run()           # ovs-appctl commands
+        ...wait() on each, a timer for the earliest exporter deadline
+        poller.block()
+
+Nothing polls on a fixed tick: the IDL's socket, the channel's socket,
+the unixctl socket, the signal pipe and the exporters' next deadlines
+wake the loop.  SIGTERM, SIGINT and ``ovs-appctl exit`` flush every
+cache as forced end before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import sys
+import time
+from typing import Dict, List, Optional
+
+import ovs.daemon
+import ovs.dirs
+import ovs.poller
+import ovs.unixctl
+import ovs.unixctl.server
+import ovs.util
+import ovs.vlog
+
+from ovs_ipfix_py import __version__
+from ovs_ipfix_py.channel import ChannelServer
+from ovs_ipfix_py.config import ConfigReader
+from ovs_ipfix_py.ratelimit import RateLimitedLog
+from ovs_ipfix_py.reconcile import Reconciler
+from ovs_ipfix_py.upcall import BridgeSample
+
+PROGRAM = "ovs-ipfix-exporter"
+vlog = ovs.vlog.Vlog("daemon")
+log = RateLimitedLog("daemon")
+
+
+def default_db() -> str:
+    return "unix:%s/db.sock" % ovs.dirs.RUNDIR
+
+
+def default_channel() -> str:
+    return "%s/%s.sock" % (ovs.dirs.RUNDIR, PROGRAM)
+
+
+class Daemon:
+    """The loop's state: configuration, exporters, channel, control.
+
+    ``clock`` returns seconds (wall clock: IPFIX export times are wall
+    clock, and deadlines are computed and waited on this same clock).
+    """
+
+    def __init__(self, db: str, channel_path: str,
+                 clock=time.time):
+        self.clock = clock
+        self.config = ConfigReader(db)
+        self.reconciler = Reconciler()
+        self.channel = ChannelServer(channel_path, self.handle_upcalls)
+        self.exiting = False
+        self.exit_reason = None
+        self.unmatched_samples = 0
+        self._signal_r = None
+
+    # -- samples ----------------------------------------------------------
+
+    def handle_upcalls(self, upcalls, now: float) -> None:
+        """Dispatch a batch of upcalls to their exporters.
+
+        Bridge samples are grouped per bridge and handed over in one
+        call (the exporter's fast path); a sample for a bridge or
+        collector set with no exporter is counted and dropped.
+        """
+        exporters = self.reconciler.exporters
+        bridge_batches: Dict[str, List] = {}
+        for u in upcalls:
+            if type(u) is BridgeSample:
+                batch = bridge_batches.get(u.bridge)
+                if batch is None:
+                    batch = bridge_batches[u.bridge] = []
+                batch.append(u)
+                continue
+            exp = exporters.get(("flow", u.bridge, u.collector_set_id))
+            if exp is None:
+                self.unmatched_samples += 1
+                log.dbg("flow sample for bridge %s collector set %d: no"
+                        " exporter", u.bridge, u.collector_set_id)
+                continue
+            exp.sample_flow(u.frame, u.orig_len, u.input_port,
+                            u.output_port, u.probability, u.obs_domain_id,
+                            u.obs_point_id, u.direction, now)
+        for bridge, batch in bridge_batches.items():
+            exp = exporters.get(("bridge", bridge))
+            if exp is None:
+                self.unmatched_samples += len(batch)
+                log.dbg("%d bridge samples for bridge %s: no exporter",
+                        len(batch), bridge)
+                continue
+            exp.sample_bridge_batch(batch, now)
+
+    # -- the loop ---------------------------------------------------------
+
+    def run_once(self) -> None:
+        self.config.run()
+        if self.config.changed():
+            self.reconciler.apply(self.config.desired(), self.clock())
+        self.channel.run(self.clock)
+        now = self.clock()
+        for exp in list(self.reconciler.exporters.values()):
+            exp.run(now)
+
+    def wait(self, poller) -> None:
+        self.config.wait(poller)
+        self.channel.wait(poller)
+        if self._signal_r is not None:
+            poller.fd_wait(self._signal_r, ovs.poller.POLLIN)
+        deadlines = [d for d in (e.next_deadline() for e in
+                                 self.reconciler.exporters.values())
+                     if d is not None]
+        if deadlines:
+            delay = min(deadlines) - self.clock()
+            if delay <= 0:
+                poller.immediate_wake()
+            else:
+                # Round up: waking a little late beats spinning early.
+                poller.timer_wait(int(delay * 1000) + 1)
+
+    def flush(self, bridge: Optional[str] = None) -> int:
+        now = self.clock()
+        n = 0
+        for exp in self.reconciler.exporters.values():
+            if bridge is None or exp.options.bridge == bridge:
+                n += exp.flush(now)
+        return n
+
+    def show(self, bridge: Optional[str] = None) -> str:
+        out = []
+        for key in sorted(self.reconciler.exporters, key=repr):
+            exp = self.reconciler.exporters[key]
+            if bridge is None or exp.options.bridge == bridge:
+                out.append(exp.show())
+        if bridge is not None and not out:
+            return "no IPFIX exporter on bridge %s\n" % bridge
+        cs = self.channel.stats
+        out.append("channel: datagrams=%d, upcalls=%d, malformed datagrams=%d"
+                   ", malformed upcalls=%d, no exporter=%d"
+                   % (cs.get("datagrams", 0), cs.get("upcalls", 0),
+                      cs.get("malformed_datagrams", 0),
+                      cs.get("malformed_upcalls", 0),
+                      self.unmatched_samples))
+        out.append("ovsdb: %s" % ("connected" if self.config.connected
+                                  else "not connected"))
+        return "\n".join(out) + "\n"
+
+    def shutdown(self) -> None:
+        """Flush every cache as forced end, close everything."""
+        now = self.clock()
+        self.reconciler.close(now)
+        self.channel.close()
+        self.config.close()
+
+    # -- signals ----------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._signal_r = r
+        signal.set_wakeup_fd(w)
+
+        def handler(signr, _frame):
+            self.exiting = True
+            self.exit_reason = signal.Signals(signr).name
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def drain_signal_pipe(self) -> None:
+        if self._signal_r is None:
+            return
+        try:
+            while os.read(self._signal_r, 512):
+                pass
+        except OSError as e:
+            if e.errno != errno.EAGAIN:
+                raise
+
+
+def _register_commands(d: Daemon) -> None:
+    def show(conn, argv, _aux):
+        conn.reply(d.show(argv[0] if argv else None))
+
+    def flush(conn, argv, _aux):
+        n = d.flush(argv[0] if argv else None)
+        conn.reply("flushed %d flows\n" % n)
+
+    def do_exit(conn, _argv, _aux):
+        d.exiting = True
+        d.exit_reason = "ovs-appctl exit"
+        conn.reply(None)
+
+    ovs.unixctl.command_register("ipfix/show", "[BRIDGE]", 0, 1, show, None)
+    ovs.unixctl.command_register("ipfix/flush", "[BRIDGE]", 0, 1, flush,
+                                 None)
+    ovs.unixctl.command_register("exit", "", 0, 0, do_exit, None)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="IPFIX flow exporter for Open vSwitch: configured "
+        "through OVSDB (Bridge.ipfix, IPFIX, Flow_Sample_Collector_Set), "
+        "fed sampled packets on a Unix socket channel.")
+    parser.add_argument("--db", default=None,
+                        help="OVSDB remote (default: unix:$OVS_RUNDIR/"
+                        "db.sock = %s)" % default_db())
+    parser.add_argument("--channel", default=None,
+                        help="upcall channel socket path (default: %s)"
+                        % default_channel())
+    parser.add_argument("--unixctl", default=None,
+                        help="control socket path (default: $OVS_RUNDIR/"
+                        "%s.PID.ctl)" % PROGRAM)
+    parser.add_argument("--version", action="version",
+                        version="%s %s" % (PROGRAM, __version__))
+    ovs.vlog.add_args(parser)
+    ovs.daemon.add_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    ovs.util.PROGRAM_NAME = PROGRAM
+    args = parse_args(argv)
+    ovs.vlog.handle_args(args)
+    ovs.daemon.handle_args(args)
+    ovs.daemon.daemonize_start()
+
+    error, unixctl = ovs.unixctl.server.UnixctlServer.create(
+        args.unixctl, version=__version__)
+    if error:
+        ovs.util.ovs_fatal(error, "could not create unixctl server at %s"
+                           % (args.unixctl or "default path"), vlog)
+    try:
+        d = Daemon(args.db or default_db(), args.channel or default_channel())
+    except OSError as e:
+        ovs.util.ovs_fatal(e.errno or 0, "cannot start: %s" % e, vlog)
+    _register_commands(d)
+    d.install_signal_handlers()
+    ovs.daemon.daemonize_complete()
+    vlog.info("%s %s started (db %s, channel %s)"
+              % (PROGRAM, __version__, args.db or default_db(),
+                 args.channel or default_channel()))
+
+    while not d.exiting:
+        d.run_once()
+        unixctl.run()
+        if d.exiting:
+            break
+        poller = ovs.poller.Poller()
+        d.wait(poller)
+        unixctl.wait(poller)
+        poller.block()
+        d.drain_signal_pipe()
+
+    vlog.info("exiting (%s): flushing every cache" % d.exit_reason)
+    d.shutdown()
+    # Let a pending "exit" reply reach ovs-appctl before the socket goes.
+    unixctl.run()
+    unixctl.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

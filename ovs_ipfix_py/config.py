@@ -19,7 +19,9 @@ local_group_id where the server has it).  Columns that only newer schemas
 have (``template_interval``, ``stats_interval``, ``local_group_id``) are
 read when present and take their defaults when not.  When the server's
 schema changes under us (``ovsdb-client convert``, or a restart on a newer
-database) the reader fetches it again and builds a new IDL.
+database) the reader fetches it again, after each reconnection and when
+the server cancels the IDL's monitor (as it does on a schema change), and
+builds a new IDL if the schema differs.
 
 Loop contract (one thread, ``ovs.poller``)::
 
@@ -210,12 +212,31 @@ def _split_remotes(remote: str) -> List[str]:
     return remotes
 
 
-def _schema_id(schema_json) -> Tuple[str, str]:
-    """(version, cksum) of a schema as JSON, for change detection."""
-    if not isinstance(schema_json, dict):
-        return ("", "")
+def _fingerprint(schema_json) -> Tuple:
+    """What about a schema matters to us: its version and checksum, and
+    the columns of the tables we read.  Raises KeyError/TypeError/
+    AttributeError on a malformed schema."""
+    tables = schema_json["tables"]
     return (str(schema_json.get("version", "")),
-            str(schema_json.get("cksum", "")))
+            str(schema_json.get("cksum", "")),
+            tuple(sorted((name, tuple(sorted(tables[name]["columns"])))
+                         for name in _REQUIRED_COLUMNS if name in tables)))
+
+
+class _Idl(ovs.db.idl.Idl):
+    """An Idl that notes when the server cancels its monitor, which
+    ovsdb-server does when the database's schema changes (e.g. after
+    ``ovsdb-client convert``).  The Idl itself just monitors again with
+    the columns it knows; the reader uses the note to refetch the schema.
+    """
+
+    schema_may_have_changed = False
+
+    def handle_monitor_canceled(self, msg):
+        handled = super().handle_monitor_canceled(msg)
+        if handled:
+            self.schema_may_have_changed = True
+        return handled
 
 
 class _Reading:
@@ -235,10 +256,13 @@ class ConfigReader:
     "tcp:IP:PORT", "ssl:IP:PORT", or several separated by commas; for ssl
     the caller sets ovs.stream.Stream's key, certificate and CA first).
     ``probe_interval`` (ms): inactivity probe, None for OVS's default.
+    ``log_rate`` (messages per minute) and ``log_burst`` limit the
+    warnings logged.
 
-    ``stats`` counts: ``schema_fetches`` (successful), ``schema_errors``,
-    ``schema_changes``, ``config_warnings`` (distinct problems met),
-    ``log_suppressed`` (warnings not logged because of the rate limit).
+    ``stats`` counts: ``schema_fetches`` (successful get_schema replies),
+    ``schema_errors``, ``schema_changes`` (IDL rebuilt for a new schema),
+    ``config_warnings`` (distinct problems met), ``log_suppressed``
+    (warnings not logged because of the rate limit).
     """
 
     def __init__(self, remote: str, probe_interval: Optional[int] = None,
@@ -251,17 +275,19 @@ class ConfigReader:
         self._rl = RateLimit(log_rate, log_burst)
         self._problems: Dict[str, str] = {}
 
-        self._idl: Optional[ovs.db.idl.Idl] = None
-        self._schema_id: Tuple[str, str] = ("", "")
+        self._idl: Optional[_Idl] = None
+        self._idl_connected = False
+        self._idl_connects = 0
+        self._fingerprint: Tuple = ()
         self._ipfix_columns: frozenset = frozenset()
         self._fscs_columns: frozenset = frozenset()
-        self._server_schema_text: Optional[str] = None
 
+        # The get_schema session: open while a fetch is wanted.
         self._session: Optional[ovs.jsonrpc.Session] = None
         self._request_id = None
         self._request_seqno: Optional[int] = None
 
-        self._seen_idl: Optional[ovs.db.idl.Idl] = None
+        self._seen_idl: Optional[_Idl] = None
         self._seen_seqno = -1
         self._desired: Dict[Tuple, ExporterOptions] = {}
         self._start_schema_fetch()
@@ -269,13 +295,27 @@ class ConfigReader:
     # ----------------------------------------------------------- loop --
 
     def run(self) -> None:
-        """Does whatever the connection needs: fetch the schema, process
-        the IDL's messages, notice a schema change.  Never blocks."""
+        """Does whatever the connections need: fetch the schema, process
+        the IDL's messages, recheck the schema after the IDL reconnects or
+        its monitor is cancelled.  Never blocks."""
         if self._session is not None:
             self._run_schema_fetch()
-        if self._idl is not None:
-            self._idl.run()
-            self._check_server_schema()
+        idl = self._idl
+        if idl is None:
+            return
+        idl.run()
+        connected = self.connected
+        # A reconnect may reach a server on a newer database, and a
+        # cancelled monitor means the schema changed: fetch it again.  The
+        # IDL keeps running (and desired() valid) meanwhile.
+        recheck = idl.schema_may_have_changed
+        idl.schema_may_have_changed = False
+        if connected and not self._idl_connected:
+            self._idl_connects += 1
+            recheck = recheck or self._idl_connects > 1
+        self._idl_connected = connected
+        if recheck and self._session is None:
+            self._start_schema_fetch()
 
     def wait(self, poller) -> None:
         """Wakes ``poller`` for IDL traffic, schema-fetch traffic and the
@@ -292,14 +332,14 @@ class ConfigReader:
         idl = self._idl
         if idl is None or not idl.has_ever_connected():
             return False
-        return idl is not self._seen_idl or idl.change_seqno != \
-            self._seen_seqno
+        return (idl is not self._seen_idl
+                or idl.change_seqno != self._seen_seqno)
 
     def desired(self) -> Dict[Tuple, ExporterOptions]:
         """The exporters OVSDB asks for: {options.key: options}.
 
-        Before the first sync (or while a new schema is being fetched) the
-        last result is returned again, initially {}.
+        Before the first sync (and while the IDL is rebuilt for a new
+        schema) the last result is returned again, initially {}.
         """
         idl = self._idl
         if idl is not None and idl.has_ever_connected():
@@ -318,8 +358,8 @@ class ConfigReader:
 
     @property
     def schema_version(self) -> Optional[str]:
-        """The server's Open_vSwitch schema version in use, or None."""
-        return self._schema_id[0] or None
+        """The version of the server's schema the IDL uses, or None."""
+        return self._fingerprint[0] if self._fingerprint else None
 
     def close(self) -> None:
         """Drops the connections.  The reader is useless afterwards."""
@@ -363,28 +403,53 @@ class ConfigReader:
                 self._schema_failed(f"server refused get_schema: {error}")
                 return
             try:
-                idl = self._make_idl(msg.result)
+                self._use_schema(msg.result)
             except (ovs.db.error.Error, ValueError, KeyError, TypeError,
-                    AssertionError) as e:
+                    AttributeError, AssertionError) as e:
                 self._schema_failed(f"unusable {DB_NAME} schema: {e}")
                 return
             session.close()
             self._session = None
-            self._idl = idl
-            self.stats["schema_fetches"] += 1
-            vlog.info(f"{self.remote}: using {DB_NAME} schema "
-                      f"{self._schema_id[0]}")
             return
 
     def _schema_failed(self, text: str) -> None:
         self.stats["schema_errors"] += 1
-        self._log(f"{self.remote}: {text}; retrying")
+        text = f"{self.remote}: {text}; retrying"
+        self.recent_warnings.append(text)
+        self._log(text)
         # Reconnect with backoff, then ask again on the new connection.
         self._session.force_reconnect()
 
-    def _make_idl(self, schema_json) -> ovs.db.idl.Idl:
-        """Builds the IDL for the tables and columns we read, from the
-        server's own schema.  Raises ValueError if it lacks any."""
+    def _use_schema(self, schema_json) -> None:
+        """Builds the IDL from the server's schema, unless the one in use
+        already matches it.  Raises ValueError if the schema lacks a
+        table or column we need."""
+        self.stats["schema_fetches"] += 1
+        fingerprint = _fingerprint(schema_json)
+        if self._idl is not None and fingerprint == self._fingerprint:
+            return
+        idl = self._make_idl(schema_json)
+        if self._idl is not None:
+            self.stats["schema_changes"] += 1
+            vlog.info(f"{self.remote}: {DB_NAME} schema changed from "
+                      f"{self._fingerprint[0]} to {fingerprint[0]}, "
+                      "reloading")
+            # self._desired stays valid until the new IDL has synced.
+            self._idl.close()
+        else:
+            vlog.info(f"{self.remote}: using {DB_NAME} schema "
+                      f"{fingerprint[0]}")
+        tables = schema_json["tables"]
+        self._idl = idl
+        self._idl_connected = False
+        self._idl_connects = 0
+        self._fingerprint = fingerprint
+        self._ipfix_columns = frozenset(tables["IPFIX"]["columns"])
+        self._fscs_columns = frozenset(
+            tables["Flow_Sample_Collector_Set"]["columns"])
+
+    def _make_idl(self, schema_json) -> _Idl:
+        """An IDL for the tables and columns we read."""
         tables = schema_json["tables"]
         helper = ovs.db.idl.SchemaHelper(schema_json=schema_json)
         for table, columns in _REQUIRED_COLUMNS.items():
@@ -393,53 +458,14 @@ class ConfigReader:
             if missing:
                 raise ValueError(f"table {table} lacks column(s) "
                                  f"{', '.join(missing)}")
-            columns = columns + [c for c in _OPTIONAL_COLUMNS.get(table, [])
-                                 if c in present]
             if table == "IPFIX":
                 # All of it: new columns are read as they appear.
                 helper.register_table(table)
             else:
-                helper.register_columns(table, columns)
-        ipfix_columns = frozenset(tables["IPFIX"]["columns"])
-        fscs_columns = frozenset(
-            tables["Flow_Sample_Collector_Set"]["columns"])
-        schema_id = _schema_id(schema_json)
-        idl = ovs.db.idl.Idl(self.remote, helper,
-                             probe_interval=self.probe_interval)
-        self._ipfix_columns = ipfix_columns
-        self._fscs_columns = fscs_columns
-        self._schema_id = schema_id
-        self._server_schema_text = None
-        return idl
-
-    def _check_server_schema(self) -> None:
-        """Refetches the schema when the server's one changes (the IDL
-        follows _Server.Database for us; we only look at it)."""
-        tables = getattr(self._idl, "server_tables", None)
-        if not tables or "Database" not in tables:
-            return
-        for row in tables["Database"].rows.values():
-            if getattr(row, "name", None) != DB_NAME:
-                continue
-            text = row.schema[0] if row.schema else None
-            if not text or text == self._server_schema_text:
-                return
-            self._server_schema_text = text
-            schema_json = ovs.json.from_string(text)
-            if not isinstance(schema_json, dict):
-                return  # ovs.json returns a message string on bad JSON.
-            schema_id = _schema_id(schema_json)
-            if schema_id != self._schema_id:
-                self.stats["schema_changes"] += 1
-                vlog.info(f"{self.remote}: {DB_NAME} schema changed from "
-                          f"{self._schema_id[0]} to {schema_id[0]}, "
-                          "reloading")
-                # Keep self._desired: it stays valid until the new IDL
-                # has synced.
-                self._idl.close()
-                self._idl = None
-                self._start_schema_fetch()
-            return
+                helper.register_columns(table, columns + [
+                    c for c in _OPTIONAL_COLUMNS.get(table, [])
+                    if c in present])
+        return _Idl(self.remote, helper, probe_interval=self.probe_interval)
 
     # -------------------------------------------------- rows -> values --
 

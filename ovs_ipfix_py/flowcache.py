@@ -119,13 +119,25 @@ class FlowCache:
             self.end[slot] = now
             try:
                 self.packets[slot] += count
-                self.l2_octets[slot] += count * frame_len
-                if ip_len:
-                    octets = count * ip_len
-                    self.octets[slot] += octets
-                    self.sumsq[slot] += octets * ip_len
             except OverflowError:
-                self._saturate(slot, count, frame_len, ip_len)
+                self.packets[slot] = U64_MAX
+            try:
+                self.l2_octets[slot] += count * frame_len
+            except OverflowError:
+                self.l2_octets[slot] = U64_MAX
+            if ip_len:
+                # Each counter saturates on its own: a sum of squares
+                # that overflows must not add the sample twice to the
+                # counters that did not.
+                octets = count * ip_len
+                try:
+                    self.octets[slot] += octets
+                except OverflowError:
+                    self.octets[slot] = U64_MAX
+                try:
+                    self.sumsq[slot] += octets * ip_len
+                except OverflowError:
+                    self.sumsq[slot] = U64_MAX
             if ip_len < self.min_len[slot]:
                 self.min_len[slot] = ip_len
             if ip_len > self.max_len[slot]:
@@ -139,29 +151,16 @@ class FlowCache:
         self.start[slot] = now
         self.end[slot] = now
         octets = count * ip_len
-        try:
-            self.packets[slot] = count
-            self.l2_octets[slot] = count * frame_len
-            self.octets[slot] = octets
-            self.sumsq[slot] = octets * ip_len
-        except OverflowError:
-            self.packets[slot] = self.l2_octets[slot] = 0
-            self.octets[slot] = self.sumsq[slot] = 0
-            self._saturate(slot, count, frame_len, ip_len)
+        self.packets[slot] = min(U64_MAX, count)
+        self.l2_octets[slot] = min(U64_MAX, count * frame_len)
+        self.octets[slot] = min(U64_MAX, octets)
+        self.sumsq[slot] = min(U64_MAX, octets * ip_len)
         self.min_len[slot] = ip_len
         self.max_len[slot] = ip_len
         self.tcp_flags[slot] = tcp_flags
         if len(self.index) > self.max_flows:
             self.expire(now)
         return True
-
-    def _saturate(self, slot, count, frame_len, ip_len):
-        """Add with saturation at 2^64-1 (the elements are unsigned64)."""
-        octets = count * ip_len
-        for a, v in ((self.packets, count),
-                     (self.l2_octets, count * frame_len),
-                     (self.octets, octets), (self.sumsq, octets * ip_len)):
-            a[slot] = min(U64_MAX, a[slot] + v)
 
     def _remove_oldest(self, reason: int) -> None:
         key = self.order.popleft()
@@ -177,11 +176,14 @@ class FlowCache:
         """Expire what is due at ``now``; returns how many flows left."""
         n = 0
         order = self.order
-        limit = now - self.active_timeout
+        timeout = self.active_timeout
         start = self.start
         index = self.index
         while order:
-            if start[index[order[0]]] <= limit:
+            # Same sum as next_deadline(): "now - timeout >= start" can
+            # round the other way, leaving a flow unexpired at its own
+            # deadline (and a poll loop spinning on it).
+            if start[index[order[0]]] + timeout <= now:
                 reason = ACTIVE_TIMEOUT
             elif len(index) > self.max_flows:
                 reason = LACK_OF_RESOURCES

@@ -21,7 +21,7 @@ import socket
 import time
 
 #: The one command that installs every tool the tests need.
-INSTALL_COMMAND = "sudo tools/install-deps"
+INSTALL_COMMAND = "tools/install-deps"
 
 
 class MissingTool(RuntimeError):

@@ -147,7 +147,7 @@ class OvsdbServer:
             if not os.path.exists(self.schema):
                 raise OvsError(
                     f"schema {self.schema} not found: install "
-                    "openvswitch-common (sudo tools/install-deps)")
+                    "openvswitch-common (tools/install-deps)")
             self._run([require("ovsdb-tool", "openvswitch-common"),
                        "create", self.db_path, self.schema])
         proc = self._spawn("ovsdb-server", [

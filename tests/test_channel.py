@@ -1,12 +1,22 @@
-"""schemas/channel.md against ovs_ipfix_py/upcall.py: the document is the
-contract, so every table and example in it must match the code."""
+"""The channel: schemas/channel.md against ovs_ipfix_py/upcall.py (the
+document is the contract, so every table and example in it must match the
+code), then the ChannelServer on real Unix sockets."""
 
 import os
 import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
 
+import ovs.poller
 import pytest
 
 from ovs_ipfix_py import upcall
+from ovs_ipfix_py.channel import ChannelError, ChannelServer, RateLimiter
 
 DOC = os.path.join(os.path.dirname(__file__), os.pardir, "schemas",
                    "channel.md")
@@ -156,3 +166,248 @@ def test_examples_encode_and_decode(doc):
             datagram)
         assert (magic, version, flags) == (upcall.MAGIC, upcall.VERSION, 0)
         assert (count, length) == (len(upcalls), len(datagram))
+
+
+# ------------------------------------------------ the ChannelServer socket
+
+def _bridge(i, frame=b"\x00" * 60):
+    return upcall.BridgeSample("br0", i, None, 1, frame, len(frame))
+
+
+@pytest.fixture
+def sockdir():
+    d = tempfile.mkdtemp(prefix="chan-", dir="/tmp")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def server_factory(sockdir):
+    servers = []
+
+    def make(handler=None, max_batch=256, name="ch.sock"):
+        got = []
+        if handler is None:
+            def handler(upcalls, now):
+                got.append((upcalls, now))
+        s = ChannelServer(os.path.join(sockdir, name), handler,
+                          max_batch=max_batch)
+        s.got = got
+        servers.append(s)
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in servers:
+            s.close()
+
+
+@pytest.fixture
+def client():
+    socks = []
+
+    def make():
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        socks.append(c)
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in socks:
+            c.close()
+
+
+def drain(server, expected, timeout=5.0):
+    """Poll and run the server until ``expected`` upcalls arrived."""
+    deadline = time.monotonic() + timeout
+    out = []
+    while len(out) < expected and time.monotonic() < deadline:
+        poller = ovs.poller.Poller()
+        server.wait(poller)
+        poller.timer_wait(100)
+        poller.block()
+        before = len(server.got)
+        server.run()
+        for ups, _ in server.got[before:]:
+            out += ups
+    return out
+
+
+def test_socket_is_a_0660_dgram_socket_removed_on_close(server_factory):
+    s = server_factory()
+    st = os.lstat(s.path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    sock = socket.socket(fileno=os.dup(s.fileno()))
+    try:
+        assert sock.type == socket.SOCK_DGRAM
+        assert not os.get_blocking(sock.fileno())
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= \
+            200_000
+    finally:
+        sock.close()
+    s.close()
+    assert not os.path.exists(s.path)
+    s.close()  # idempotent
+    assert s.run() == 0
+
+
+def test_stale_socket_replaced_live_one_and_files_refused(sockdir,
+                                                          server_factory):
+    path = os.path.join(sockdir, "ch.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stale.bind(path)
+    stale.close()  # the file stays behind, nobody bound
+    s = server_factory()
+    assert s.path == path
+    with pytest.raises(ChannelError, match="in use by another"):
+        ChannelServer(path, lambda u, n: None)
+    assert os.path.exists(path)  # the live one is untouched
+    s.close()
+    with open(path, "w") as f:
+        f.write("precious")
+    with pytest.raises(ChannelError, match="is not a socket"):
+        ChannelServer(path, lambda u, n: None)
+    with open(path) as f:
+        assert f.read() == "precious"
+    with pytest.raises(ChannelError, match="cannot bind"):
+        ChannelServer(os.path.join(sockdir, "no", "such", "dir"),
+                      lambda u, n: None)
+
+
+def test_close_leaves_a_replaced_socket_alone(server_factory):
+    s = server_factory()
+    os.unlink(s.path)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        other.bind(s.path)
+        s.close()
+        assert os.path.exists(s.path)
+    finally:
+        other.close()
+
+
+def test_receives_batched_upcalls_of_both_kinds_intact(server_factory,
+                                                       client):
+    s = server_factory()
+    ups = []
+    for i in range(3000):
+        if i % 3:
+            ups.append(_bridge(i, bytes([i % 256]) * (i % 100)))
+        else:
+            ups.append(upcall.FlowSample("br1", 9, 8, 7, 100, i % 3, i,
+                                         i + 1, b"\x01" * 40, 1500))
+    c = client()
+    c.connect(s.path)
+    dgs = list(upcall.pack_batches(ups, max_size=8000))
+    assert len(dgs) > 5
+    for d in dgs[:8]:  # fewer than the default queue length (10)
+        c.send(d)
+    got = drain(s, sum(len(upcall.decode(d)[0]) for d in dgs[:8]))
+    for d in dgs[8:]:
+        c.send(d)
+        got += drain(s, len(upcall.decode(d)[0]))
+    assert got == ups
+    assert s.stats == {"datagrams": len(dgs), "upcalls": len(ups),
+                       "malformed_datagrams": 0, "malformed_upcalls": 0}
+
+
+def test_run_reads_at_most_max_batch_and_passes_now(server_factory,
+                                                    client):
+    s = server_factory(max_batch=2)
+    c = client()
+    for i in range(5):
+        c.sendto(upcall.encode([_bridge(i)]), s.path)
+    assert s.run(now_fn=lambda: 123.5) == 2
+    assert s.got == [([_bridge(0), _bridge(1)], 123.5)]
+    assert s.run() == 2
+    assert s.run() == 1
+    assert s.run() == 0
+    assert len(s.got) == 3  # no handler call when nothing was read
+    assert [u.input_port for ups, _ in s.got for u in ups] == \
+        [0, 1, 2, 3, 4]
+
+
+def test_malformed_input_is_counted_and_never_disturbs_the_next(
+        server_factory, client):
+    s = server_factory()
+    c = client()
+    good = upcall.encode([_bridge(1), _bridge(2)])
+    # Upcall 0 of three with its BRIDGE attribute renamed to type 999.
+    bad_one = bytearray(upcall.encode([_bridge(7), _bridge(8),
+                                       _bridge(9)]))
+    i = bad_one.index(b"\x00\x07\x00\x01br0")
+    bad_one[i + 2:i + 4] = (999).to_bytes(2, "big")
+    for d in (b"", b"garbage!" * 3, good[:20], bytes(bad_one), good):
+        c.sendto(d, s.path)
+    assert s.run() == 5
+    ups = [u for batch, _ in s.got for u in batch]
+    assert [u.input_port for u in ups] == [8, 9, 1, 2]
+    assert s.stats == {"datagrams": 5, "upcalls": 4,
+                       "malformed_datagrams": 4, "malformed_upcalls": 5}
+
+
+def test_wait_wakes_the_poller_only_when_data_is_queued(server_factory,
+                                                        client):
+    s = server_factory()
+    poller = ovs.poller.Poller()
+    s.wait(poller)
+    poller.timer_wait(200)
+    t0 = time.monotonic()
+    poller.block()
+    assert time.monotonic() - t0 >= 0.15  # nothing queued: timer woke it
+    client().sendto(upcall.encode([_bridge(1)]), s.path)
+    poller = ovs.poller.Poller()
+    s.wait(poller)
+    poller.timer_wait(5000)
+    t0 = time.monotonic()
+    poller.block()
+    assert time.monotonic() - t0 < 1.0
+    assert s.run() == 1
+
+
+def test_rate_limiter_bursts_then_refills():
+    rl = RateLimiter(rate=6, burst=3)  # 6 per minute: one per 10 s
+    assert [rl.allow(100.0) for _ in range(5)] == [True] * 3 + [False] * 2
+    assert not rl.allow(105.0)
+    assert rl.take_suppressed() == 3
+    assert rl.take_suppressed() == 0
+    assert rl.allow(110.5)
+    assert not rl.allow(110.6)
+    assert [rl.allow(1000.0) for _ in range(4)] == [True] * 3 + [False]
+    assert not rl.allow(999.0)  # time going backwards refills nothing
+
+
+LOG_SCRIPT = r"""
+import socket, sys
+import ovs.vlog
+from ovs_ipfix_py.channel import ChannelServer
+ovs.vlog.Vlog.init()
+# Without a log file, the "file" destination would reach stderr too.
+ovs.vlog.Vlog.set_level("any", "file", "off")
+ovs.vlog.Vlog.set_level("any", "syslog", "off")
+s = ChannelServer(sys.argv[1], lambda u, n: None)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for i in range(100):
+    c.sendto(b"bad datagram %d" % i, s.path)
+    s.run()  # the queue holds only net.unix.max_dgram_qlen datagrams
+print(s.stats["malformed_datagrams"])
+s.close()
+"""
+
+
+def test_malformed_input_is_logged_with_a_rate_limit(sockdir):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", LOG_SCRIPT, os.path.join(sockdir, "l.sock")],
+        cwd=root, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "100"
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 20  # the burst, then silence
+    assert all(re.search(r"\| channel \| WARN \| .*bad magic", line)
+               for line in lines), lines[0]

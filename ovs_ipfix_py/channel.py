@@ -1,0 +1,247 @@
+"""The exporter's end of the userspace upcall channel.
+
+A :class:`ChannelServer` owns one ``AF_UNIX``/``SOCK_DGRAM`` socket bound
+at a path (format and reasons in ``schemas/channel.md``).  It fits the OVS
+poll loop: :meth:`ChannelServer.run` reads what is queued without blocking
+and hands the decoded upcalls to a handler; :meth:`ChannelServer.wait`
+registers the socket with an ``ovs.poller.Poller``.  Malformed input is
+counted, logged with a rate limit, and never disturbs the next datagram.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import time
+from typing import Callable, Optional
+
+import ovs.poller
+import ovs.vlog
+
+from ovs_ipfix_py import upcall
+
+vlog = ovs.vlog.Vlog("channel")
+
+#: Asked for as the socket's receive buffer (bytes).  For Unix datagram
+#: sockets the queue is mostly bounded by net.unix.max_dgram_qlen; a big
+#: buffer costs nothing and helps where the kernel does count it.
+RCVBUF_SIZE = 8 << 20
+
+
+class ChannelError(OSError):
+    """The channel socket cannot be set up (one-line message)."""
+
+
+class RateLimiter:
+    """A token bucket in the manner of OVS's ``VLOG_RATE_LIMIT_INIT(rate,
+    burst)``: up to ``burst`` events at once, refilled at ``rate`` per
+    minute.  ``ovs.vlog`` in Python has no rate limiting of its own.
+
+    ``allow(now)`` (now in seconds, monotonic) says whether to log;
+    refused events are counted, and :meth:`take_suppressed` returns and
+    resets that count so the next message can mention it.
+    """
+
+    def __init__(self, rate: float = 5, burst: int = 20,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last: Optional[float] = None
+        self.suppressed = 0
+
+    def allow(self, now: Optional[float] = None) -> bool:
+        if now is None:
+            now = self._clock()
+        if self._last is None:
+            self._last = now
+        elif now > self._last:
+            self._tokens = min(self.burst, self._tokens
+                               + (now - self._last) * self.rate / 60.0)
+            self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n = self.suppressed
+        self.suppressed = 0
+        return n
+
+
+def _remove_stale(path: str) -> None:
+    """Unlink a socket file nobody is bound to; refuse to touch a live
+    socket or anything that is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ChannelError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: its owner is gone
+        return
+    except OSError as e:
+        raise ChannelError(f"{path}: cannot probe the existing socket: "
+                           f"{e.strerror}") from None
+    finally:
+        probe.close()
+    raise ChannelError(f"{path} is in use by another running process")
+
+
+class ChannelServer:
+    """Receives upcall datagrams on the Unix socket at ``path``.
+
+    ``handler(upcalls, now)`` gets, once per :meth:`run` that read
+    anything, the list of upcalls decoded from up to ``max_batch``
+    datagrams, in arrival order, and ``now`` (seconds, from ``now_fn``).
+    An exception from the handler propagates to the caller of run().
+    Raises :class:`ChannelError` if the socket cannot be set up.
+    """
+
+    def __init__(self, path: str,
+                 handler: Callable[[list, float], None],
+                 max_batch: int = 256):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.path = path
+        self.max_batch = max_batch
+        self._handler = handler
+        self._datagrams = 0
+        self._upcalls = 0
+        self._malformed_datagrams = 0
+        self._malformed_upcalls = 0
+        self._ratelimit = RateLimiter()
+        self._sock: Optional[socket.socket] = None
+        _remove_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise ChannelError(f"cannot bind {path}: {e.strerror or e}"
+                               ) from None
+        try:
+            st = os.stat(path)
+            self._identity = (st.st_dev, st.st_ino)
+            os.chmod(path, 0o660)
+            sock.setblocking(False)
+            _grow_rcvbuf(sock)
+        except OSError as e:
+            sock.close()
+            _unlink(path)
+            raise ChannelError(f"cannot set up {path}: {e.strerror or e}"
+                               ) from None
+        self._sock = sock
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def stats(self) -> dict:
+        """Counters since start: datagrams and upcalls received,
+        datagrams with any error, and upcalls lost to errors (as
+        :func:`upcall.decode` counts them: a datagram dropped for a bad
+        header counts 1)."""
+        return {
+            "datagrams": self._datagrams,
+            "upcalls": self._upcalls,
+            "malformed_datagrams": self._malformed_datagrams,
+            "malformed_upcalls": self._malformed_upcalls,
+        }
+
+    def run(self, now_fn: Callable[[], float] = time.time) -> int:
+        """Read up to ``max_batch`` queued datagrams without blocking,
+        decode them and pass their upcalls to the handler.  Returns the
+        number of datagrams read."""
+        sock = self._sock
+        if sock is None:
+            return 0
+        recv = sock.recv
+        decode = upcall.decode
+        size = upcall.MAX_DATAGRAM_SIZE
+        upcalls: list = []
+        problems: list = []
+        n = 0
+        while n < self.max_batch:
+            try:
+                data = recv(size)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._warn(f"{self.path}: receive failed: {e.strerror}")
+                break
+            n += 1
+            got, errors = decode(data, problems)
+            if errors:
+                self._malformed_datagrams += 1
+                self._malformed_upcalls += errors
+                self._warn(f"{self.path}: malformed datagram of "
+                           f"{len(data)} bytes ({errors} upcalls lost): "
+                           f"{problems[0]}")
+                problems.clear()
+            if got:
+                upcalls += got
+        self._datagrams += n
+        if upcalls:
+            self._upcalls += len(upcalls)
+            self._handler(upcalls, now_fn())
+        return n
+
+    def wait(self, poller) -> None:
+        """Wake ``poller`` when a datagram is queued."""
+        if self._sock is not None:
+            poller.fd_wait(self._sock.fileno(), ovs.poller.POLLIN)
+
+    def close(self) -> None:
+        """Close the socket and remove its path (if it is still ours).
+        Idempotent."""
+        if self._sock is None:
+            return
+        self._sock.close()
+        self._sock = None
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) == self._identity:
+            _unlink(self.path)
+
+    def _warn(self, message: str) -> None:
+        if self._ratelimit.allow():
+            suppressed = self._ratelimit.take_suppressed()
+            if suppressed:
+                message += (f" ({suppressed} similar messages suppressed "
+                            "by rate limit)")
+            vlog.warn(message)
+
+
+def _grow_rcvbuf(sock: socket.socket) -> None:
+    # SO_RCVBUFFORCE passes rmem_max when privileged; else best effort.
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    if force is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, RCVBUF_SIZE)
+            return
+        except OSError:
+            pass
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_SIZE)
+    except OSError:
+        pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            vlog.warn(f"{path}: cannot remove: {e.strerror}")

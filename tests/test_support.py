@@ -30,6 +30,7 @@ from support.decoders import (
     Session,
     ipfixdump_check,
     ipfixdump_stats,
+    judge_collector,
     parse_collector,
     parse_messages,
     tshark_decode,
@@ -249,6 +250,11 @@ def test_udp_collector_and_all_file_judges_agree(family, tmp_path):
         assert stats["per_template"] == {256: 3, 257: 1, 258: 1}
         assert "sourceIPv4Address" in output
 
+        judged = judge_collector(collector, tmp_path)
+        assert judged.problems == []
+        assert judged.session.records == session.records
+        assert judged.tshark.records == decoded.records
+
 
 def test_pcap_frames_have_valid_checksums(tmp_path):
     messages, _ = good_stream()
@@ -389,6 +395,10 @@ def test_judges_report_broken_streams(tmp_path):
     ok, output = ipfixdump_check(ipfix)
     assert not ok
     assert "out of sequence" in output
+
+    problems = judge_collector(collector, tmp_path).problems
+    assert [p.split(":")[0] for p in problems] == \
+        ["parser"] * 3 + ["tshark"] * len(decoded.warnings) + ["ipfixDump"]
 
 
 def test_ipfixdump_check_catches_what_it_skips_silently(tmp_path):

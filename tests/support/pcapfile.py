@@ -52,6 +52,8 @@ def udp_frame(payload, dst_port, family=socket.AF_INET,
     src = socket.inet_pton(family, src_text)
     dst = socket.inet_pton(family, dst_text)
     udp_len = _UDP.size + len(payload)
+    if udp_len + _IPV4.size > 0xFFFF:
+        raise ValueError(f"{len(payload)} bytes do not fit one UDP frame")
     if family == socket.AF_INET:
         pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_UDP,
                                          udp_len)

@@ -7,6 +7,10 @@ walked to reach L4), TCP/UDP/SCTP ports, ICMP/ICMPv6 type and code.  It
 never raises on short or odd input: what cannot be read is 0, as
 OVS's flow_extract() leaves it, and the sample is classified so the
 exporter counts it the way OVS does (``ipv4 errs``, ``ipv6 errs``).
+As in OVS, an L4 header is read only when it is whole (TCP 20, UDP 8,
+SCTP 12, ICMP and ICMPv6 8 bytes) inside the IP packet: IPv4 total
+length and IPv6 payload length bound it, so Ethernet padding is never
+taken for a header.
 
 The key is returned already encoded in the field order of its template
 (see ``templates``), so the flow cache can use it as its dict key and the
@@ -46,6 +50,11 @@ _L4_OF_PROTO_V4 = {IPPROTO_TCP: t.L4_TCP, IPPROTO_UDP: t.L4_UDP,
                    IPPROTO_SCTP: t.L4_SCTP, IPPROTO_ICMP: t.L4_ICMP}
 _L4_OF_PROTO_V6 = {IPPROTO_TCP: t.L4_TCP, IPPROTO_UDP: t.L4_UDP,
                    IPPROTO_SCTP: t.L4_SCTP, IPPROTO_ICMPV6: t.L4_ICMP}
+# Bytes of L4 header OVS's flow_extract() needs before it reads the
+# ports (TCP, UDP, SCTP) or type and code (ICMP_HEADER_LEN and struct
+# icmp6_hdr are both 8 bytes).
+_L4_HEADER_LEN = {IPPROTO_TCP: 20, IPPROTO_UDP: 8, IPPROTO_SCTP: 12,
+                  IPPROTO_ICMP: 8, IPPROTO_ICMPV6: 8}
 # IPv6 extension headers walked to reach L4: hop-by-hop, routing,
 # fragment, destination options, authentication header.
 _IPV6_EXT_HOPOPTS, _IPV6_EXT_ROUTING, _IPV6_EXT_FRAGMENT = 0, 43, 44
@@ -93,8 +102,10 @@ def parse(frame: bytes, obs_point_id: int = 0, direction: int = t.INGRESS,
     """
     n = len(frame)
     if n < 14:
-        # A runt: keep what there is, zero the rest, as OVS would.
-        frame = bytes(frame) + bytes(14 - n)
+        # A runt: keep the MAC bytes there are, zero the rest.  It has
+        # no type field, so it is no IP frame (OVS's flow_extract()
+        # stops before the ethertype too): ethernetType "none".
+        frame = bytes(frame[:12]) + bytes(12 - min(n, 12)) + b"\x05\xff"
         n = 14
     f = frame
     etype = f[12] << 8 | f[13]
@@ -135,23 +146,22 @@ def parse(frame: bytes, obs_point_id: int = 0, direction: int = t.INGRESS,
                    off, True, tcp_flags, kind, dport)
 
 
-def _l4(f, off, n, proto, l4, later_fragment):
-    """The L4 part of the key: ports or ICMP type/code, 0 if unreadable.
+def _l4(f, off, end, proto, l4, later_fragment):
+    """The L4 part of the key: ports or ICMP type/code.
 
-    Returns (bytes, tcp_flags, udp_dst_port or -1).
+    As OVS's flow_extract(), the fields are read only when the whole
+    L4 header is there (``_L4_HEADER_LEN``) before ``end``, the end of
+    the IP packet; an incomplete header gives 0s.  Returns (bytes,
+    tcp_flags, udp_dst_port or -1).
     """
+    if later_fragment or end < off + _L4_HEADER_LEN[proto]:
+        return (b"\0\0" if l4 == t.L4_ICMP else _ZERO4), 0, -1
     if l4 == t.L4_ICMP:
-        if later_fragment or n < off + 2:
-            return b"\0\0", 0, -1
         return f[off:off + 2], 0, -1
-    if later_fragment or n < off + 4:
-        return _ZERO4, 0, -1
-    part = f[off:off + 4]
     dport = f[off + 2] << 8 | f[off + 3] if proto == IPPROTO_UDP else -1
-    flags = 0
-    if proto == IPPROTO_TCP and n >= off + 14:
-        flags = (f[off + 12] & 0x0F) << 8 | f[off + 13]
-    return part, flags, dport
+    flags = ((f[off + 12] & 0x0F) << 8 | f[off + 13]
+             if proto == IPPROTO_TCP else 0)
+    return f[off:off + 4], flags, dport
 
 
 def _ipv4(f, ip, n):
@@ -161,13 +171,18 @@ def _ipv4(f, ip, n):
             tos = f[ip + 1]
             proto = f[ip + 9]
             later = bool((f[ip + 6] & 0x1F) or f[ip + 7])
+            # L4 ends with the IP packet (total length), not with the
+            # frame: Ethernet padding is no header (as OVS).
+            end = ip + (f[ip + 2] << 8 | f[ip + 3])
+            if end > n:
+                end = n
             common = (bytes((4, f[ip + 8], proto)) + TOS_FIELDS[tos]
                       + f[ip + 12:ip + 20])
             l4 = _L4_OF_PROTO_V4.get(proto, t.L4_NONE)
             if l4 == t.L4_NONE:
                 # OVS counts IP samples with no known L4 as errors.
                 return common, l4, 0, IPV4_ERR, -1
-            part, flags, dport = _l4(f, ip + ihl, n, proto, l4, later)
+            part, flags, dport = _l4(f, ip + ihl, end, proto, l4, later)
             return common + part, l4, flags, IPV4_OK, dport
     # Header unreadable: OVS's flow_extract() leaves every field 0.
     return (_IP_COMMON.pack(4, 0, 0, 0, 0, 0) + _ZERO4 + _ZERO4,
@@ -184,10 +199,15 @@ def _ipv6(f, ip, n):
     nh = f[ip + 6]
     hlim = f[ip + 7]
     off = ip + 40
+    # Extension headers and L4 end with the payload length, not with the
+    # frame's padding.
+    end = off + (f[ip + 4] << 8 | f[ip + 5])
+    if end > n:
+        end = n
     later = False
     ok = True
     while nh in _IPV6_EXT:
-        if n < off + 8:
+        if end < off + 8:
             ok = False
             break
         if nh == _IPV6_EXT_FRAGMENT:
@@ -209,5 +229,5 @@ def _ipv6(f, ip, n):
     l4 = _L4_OF_PROTO_V6.get(nh, t.L4_NONE) if ok else t.L4_NONE
     if l4 == t.L4_NONE:
         return common, l4, 0, IPV6_ERR, -1
-    part, flags, dport = _l4(f, off, n, nh, l4, later)
+    part, flags, dport = _l4(f, off, end, nh, l4, later)
     return common + part, l4, flags, IPV6_OK, dport

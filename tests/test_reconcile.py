@@ -13,13 +13,15 @@ two (UINT32_MAX // (UINT32_MAX // 2)); a flow sample with probability
 65535 is one packet.  Octets are frame lengths times that count.
 """
 
+import importlib.util
+import os
 import socket
 import struct
 import time
 
 import ovs.poller
 import pytest
-from support import kill_pid
+from support import kill_pid, pid_alive
 from support.collector import UdpCollector
 from support.decoders import parse_collector, tshark_decode
 
@@ -551,3 +553,29 @@ def test_one_exporter_failing_to_build_does_not_stop_the_others(
         assert set(rec.exporters) == set(desired)
     finally:
         rec.close(time.time())
+
+
+# -- the real daemon ---------------------------------------------------------
+
+
+def _latency_tool():
+    path = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "tools", "reconcile_latency.py")
+    spec = importlib.util.spec_from_file_location("reconcile_latency", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_daemon_follows_ovs_vsctl_end_to_end():
+    """The real daemon (subprocess, samples over its channel) flushes as
+    forced end on each ``ovs-vsctl set IPFIX``, via the latency tool;
+    everything it started is gone afterwards.  The bound is loose (the
+    tool reports the real figures): this checks the path, not speed."""
+    tool = _latency_tool()
+    result = tool.measure("daemon", 3)
+    assert len(result.from_start) == 3
+    assert max(result.from_start) < 2000
+    assert len(result.pids) == 2  # the daemon and ovsdb-server
+    assert not any(pid_alive(pid) for pid in result.pids)
+    assert not os.path.exists(result.workdir)

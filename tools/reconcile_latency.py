@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import List, NamedTuple, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -243,13 +244,19 @@ class Rig:
     def appctl(self, *args):
         return self.run("ovs-appctl", "-t", self.ctl, *args).stdout
 
-    def stop(self):
+    def pids(self):
+        """Pids in the pid files of what was started."""
+        out = []
         for pidfile in self.pidfiles:
             try:
                 with open(pidfile) as f:
-                    pid = int(f.read().strip())
+                    out.append(int(f.read().strip()))
             except (OSError, ValueError):
                 continue
+        return out
+
+    def stop(self):
+        for pid in self.pids():
             _kill(pid)
 
 
@@ -403,7 +410,25 @@ def _summary(values):
                max(values), min(values)))
 
 
-def measure(mode: str, changes: int, keep: bool) -> int:
+class Result(NamedTuple):
+    """Per change, in ms: ``from_commit`` (ovs-vsctl returned -> first
+    forced-end datagram's kernel arrival), ``from_start`` (ovs-vsctl
+    started -> the same), ``vsctl`` (ovs-vsctl's own run time); and
+    ``command``, the last ovs-vsctl command line; ``workdir`` and
+    ``pids``: where it all ran and what was started (all gone by the
+    time ``measure`` returns, unless kept)."""
+
+    mode: str
+    from_commit: List[float]
+    from_start: List[float]
+    vsctl: List[float]
+    command: str = ""
+    workdir: str = ""
+    pids: Tuple[int, ...] = ()
+
+
+def measure(mode: str, changes: int, keep: bool = False) -> Result:
+    """Set everything up, make ``changes`` changes, clean up."""
     workdir = tempfile.mkdtemp(prefix="rlat-", dir="/tmp")
     rig = Rig(workdir)
     collector = Collector()
@@ -418,7 +443,8 @@ def measure(mode: str, changes: int, keep: bool) -> int:
                   "--", "set", "Bridge", "br0", "ipfix=@i")
         exporter = (DaemonExporter if mode == "daemon"
                     else InProcessExporter)(rig)
-        latencies, from_start, vsctl_times, argv = [], [], [], None
+        result = Result(mode, [], [], [], workdir=workdir)
+        argv = []
         for i in range(changes):
             exporter.feed(10000 + i)
             collector.drain()
@@ -427,23 +453,12 @@ def measure(mode: str, changes: int, keep: bool) -> int:
             started = time.time()
             committed = exporter.change(argv)
             arrival = exporter.wait_forced_end(collector, 5.0)
-            latencies.append((arrival - committed) * 1000)
-            from_start.append((arrival - started) * 1000)
-            vsctl_times.append((committed - started) * 1000)
-        print("mode: %s, %d changes" % (mode, changes))
-        print("command: %s" % " ".join(shlex.quote(a) for a in argv))
-        print("ovs-vsctl returned (commit) -> forced-end records at the "
-              "collector (kernel arrival time), ms:")
-        print(_summary(latencies))
-        print("  (negative: the records arrived before ovs-vsctl had "
-              "exited)")
-        print("ovs-vsctl started -> forced-end records, ms:")
-        print(_summary(from_start))
-        print("ovs-vsctl itself (start -> return), ms: median %.2f"
-              % statistics.median(vsctl_times))
-        print("all (from commit), ms: "
-              + " ".join("%.2f" % x for x in latencies))
-        return 0
+            result.from_commit.append((arrival - committed) * 1000)
+            result.from_start.append((arrival - started) * 1000)
+            result.vsctl.append((committed - started) * 1000)
+        return result._replace(
+            command=" ".join(shlex.quote(a) for a in argv),
+            pids=tuple(rig.pids()))
     finally:
         if exporter is not None:
             exporter.close()
@@ -453,6 +468,22 @@ def measure(mode: str, changes: int, keep: bool) -> int:
             print("kept %s" % workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(result: Result) -> str:
+    return "\n".join([
+        "mode: %s, %d changes" % (result.mode, len(result.from_commit)),
+        "command: %s" % result.command,
+        "ovs-vsctl returned (commit) -> forced-end records at the "
+        "collector (kernel arrival time), ms:",
+        _summary(result.from_commit),
+        "  (negative: the records arrived before ovs-vsctl had exited)",
+        "ovs-vsctl started -> forced-end records, ms:",
+        _summary(result.from_start),
+        "ovs-vsctl itself (start -> return), ms: median %.2f"
+        % statistics.median(result.vsctl),
+        "all (from commit), ms: "
+        + " ".join("%.2f" % x for x in result.from_commit)])
 
 
 def main(argv=None) -> int:
@@ -473,7 +504,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.changes < 1:
         parser.error("--changes must be at least 1")
-    return measure(args.mode, args.changes, args.keep)
+    print(report(measure(args.mode, args.changes, args.keep)))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""Templates: one per layout, stable ids, every field checked against the
+element table (schemas/) and, for a few layouts, against field lists
+written here by hand from the IANA registry."""
+
+import struct
+
+import pytest
+
+from ovs_ipfix_py import elements
+from ovs_ipfix_py import templates as t
+
+# IANA element ids, from the registry (not from our table).
+IANA = {
+    "octetDeltaCount": 1, "packetDeltaCount": 2, "protocolIdentifier": 4,
+    "ipClassOfService": 5, "tcpControlBits": 6, "sourceTransportPort": 7,
+    "sourceIPv4Address": 8, "ingressInterface": 10,
+    "destinationTransportPort": 11, "destinationIPv4Address": 12,
+    "egressInterface": 14, "minimumIpTotalLength": 25,
+    "maximumIpTotalLength": 26, "sourceIPv6Address": 27,
+    "destinationIPv6Address": 28, "flowLabelIPv6": 31,
+    "sourceMacAddress": 56, "vlanId": 58, "ipVersion": 60,
+    "flowDirection": 61, "destinationMacAddress": 80,
+    "flowEndReason": 136, "observationPointId": 138,
+    "exportingProcessId": 144, "flowStartDeltaMicroseconds": 158,
+    "flowEndDeltaMicroseconds": 159, "notSentFlowTotalCount": 166,
+    "notSentPacketTotalCount": 167, "notSentOctetTotalCount": 168,
+    "icmpTypeIPv4": 176, "icmpCodeIPv4": 177, "icmpTypeIPv6": 178,
+    "icmpCodeIPv6": 179, "ipTTL": 192, "ipDiffServCodePoint": 195,
+    "ipPrecedence": 196, "octetDeltaSumOfSquares": 198,
+    "ethernetHeaderLength": 240, "dot1qVlanId": 243, "dot1qPriority": 244,
+    "ethernetType": 256, "layer2OctetDeltaCount": 352,
+}
+
+ALL_LAYOUTS = [(l2, l3, l4, d)
+               for l2 in (t.L2_ETH, t.L2_VLAN)
+               for l3 in (t.L3_NONE, t.L3_IPV4, t.L3_IPV6)
+               for l4 in ((t.L4_NONE,) if l3 == t.L3_NONE else
+                          (t.L4_NONE, t.L4_TCP, t.L4_UDP, t.L4_SCTP,
+                           t.L4_ICMP))
+               for d in (t.INGRESS, t.EGRESS)]
+
+
+def specifiers(record):
+    """(template id, [(element id, length, pen)]) of a template record."""
+    tid, count = struct.unpack_from("!HH", record)
+    pos = 4
+    out = []
+    for _ in range(count):
+        ie, length = struct.unpack_from("!HH", record, pos)
+        pos += 4
+        pen = 0
+        if ie & 0x8000:
+            (pen,) = struct.unpack_from("!I", record, pos)
+            pos += 4
+            ie &= 0x7FFF
+        out.append((ie, length, pen))
+    assert pos == len(record)
+    return tid, out
+
+
+def test_one_template_per_layout_44_of_them():
+    templates = t.all_templates()
+    assert len(ALL_LAYOUTS) == 44
+    assert len(templates) == 44
+    got = {(x.l2, x.l3, x.l4, x.direction) for x in templates.values()}
+    assert got == set(ALL_LAYOUTS)
+    for tid, tmpl in templates.items():
+        assert tmpl.id == tid
+        assert t.template_id(tmpl.l2, tmpl.l3, tmpl.l4,
+                             tmpl.direction) == tid
+        assert 256 <= tid < t.OPTIONS_EXPORTER_STATS_ID
+
+
+@pytest.mark.parametrize("layout, tid", [
+    ((t.L2_ETH, t.L3_NONE, t.L4_NONE, t.INGRESS), 256),
+    ((t.L2_ETH, t.L3_NONE, t.L4_NONE, t.EGRESS), 257),
+    ((t.L2_ETH, t.L3_IPV4, t.L4_NONE, t.INGRESS), 266),
+    ((t.L2_ETH, t.L3_IPV4, t.L4_TCP, t.INGRESS), 268),
+    ((t.L2_ETH, t.L3_IPV4, t.L4_UDP, t.EGRESS), 271),
+    ((t.L2_ETH, t.L3_IPV4, t.L4_ICMP, t.INGRESS), 274),
+    ((t.L2_ETH, t.L3_IPV6, t.L4_SCTP, t.INGRESS), 282),
+    ((t.L2_VLAN, t.L3_NONE, t.L4_NONE, t.INGRESS), 286),
+    ((t.L2_VLAN, t.L3_IPV4, t.L4_UDP, t.INGRESS), 300),
+    ((t.L2_VLAN, t.L3_IPV6, t.L4_ICMP, t.EGRESS), 315),
+])
+def test_ids_are_stable(layout, tid):
+    """Ids written down once: a change breaks collectors' caches
+    (RFC 7011 section 8.1: reuse with another layout only after
+    3 x template refresh)."""
+    assert t.template_id(*layout) == tid
+    assert (t.get(tid).l2, t.get(tid).l3, t.get(tid).l4,
+            t.get(tid).direction) == layout
+
+
+@pytest.mark.parametrize("tid", sorted(t.all_templates()))
+def test_every_field_against_the_element_table(tid):
+    tmpl = t.get(tid)
+    rid, specs = specifiers(tmpl.record)
+    assert rid == tid
+    assert len(specs) == len(tmpl.fields)
+    ids = set()
+    for (name, length), (ie, rec_length, pen) in zip(tmpl.fields, specs):
+        element = elements.lookup(name)
+        assert (element.id, element.pen) == (ie, pen), name
+        assert rec_length == length, name
+        assert length != elements.VARIABLE_LENGTH, name
+        assert elements.reduced_size_ok(element, length), name
+        if element.data_type.startswith("unsigned"):
+            assert 1 <= length <= element.length
+        else:
+            assert length == element.length, name
+        assert (ie, pen) not in ids, "duplicate %s" % name
+        ids.add((ie, pen))
+        if name in IANA:
+            assert ie == IANA[name] and pen == 0, name
+    assert tmpl.data_length == sum(length for _, length in tmpl.fields)
+    assert tmpl.key_length == sum(length for _, length in tmpl.key_fields)
+
+
+def test_plain_ipv4_tcp_ingress_by_hand():
+    """Template 268, field by field (IANA id, length), OVS's order."""
+    expected = [
+        (138, 4), (61, 1), (56, 6), (80, 6), (256, 2), (240, 1), (10, 4),
+        (60, 1), (192, 1), (4, 1), (195, 1), (196, 1), (5, 1),
+        (8, 4), (12, 4), (7, 2), (11, 2),
+        (158, 4), (159, 4), (2, 8), (352, 8), (136, 1),
+        (1, 8), (198, 8), (25, 8), (26, 8), (6, 2),
+    ]
+    tid, specs = specifiers(t.get(268).record)
+    assert tid == 268
+    assert [(ie, length) for ie, length, _ in specs] == expected
+    assert t.get(268).key_length == 42
+    assert t.get(268).data_length == 101
+
+
+def test_vlan_ipv6_icmp_egress_by_hand():
+    expected = [
+        (138, 4), (61, 1), (56, 6), (80, 6), (256, 2), (240, 1), (10, 4),
+        (14, 4), (58, 2), (243, 2), (244, 1),
+        (60, 1), (192, 1), (4, 1), (195, 1), (196, 1), (5, 1),
+        (27, 16), (28, 16), (31, 4), (178, 1), (179, 1),
+        (158, 4), (159, 4), (2, 8), (352, 8), (136, 1),
+        (1, 8), (198, 8), (25, 8), (26, 8),
+    ]
+    _, specs = specifiers(t.get(315).record)
+    assert [(ie, length) for ie, length, _ in specs] == expected
+
+
+def test_non_ip_has_no_ip_fields():
+    expected = [(138, 4), (61, 1), (56, 6), (80, 6), (256, 2), (240, 1),
+                (10, 4), (158, 4), (159, 4), (2, 8), (352, 8), (136, 1)]
+    _, specs = specifiers(t.get(256).record)
+    assert [(ie, length) for ie, length, _ in specs] == expected
+
+
+@pytest.mark.parametrize("tid", sorted(t.all_templates()))
+def test_layout_rules(tid):
+    tmpl = t.get(tid)
+    names = [n for n, _ in tmpl.fields]
+    assert ("egressInterface" in names) == (tmpl.direction == t.EGRESS)
+    assert ("vlanId" in names) == (tmpl.l2 == t.L2_VLAN)
+    assert ("sourceIPv4Address" in names) == (tmpl.l3 == t.L3_IPV4)
+    assert ("sourceIPv6Address" in names) == (tmpl.l3 == t.L3_IPV6)
+    assert ("octetDeltaCount" in names) == (tmpl.l3 != t.L3_NONE)
+    assert ("tcpControlBits" in names) == (tmpl.l4 == t.L4_TCP)
+    assert ("sourceTransportPort" in names) == \
+        (tmpl.l4 in (t.L4_TCP, t.L4_UDP, t.L4_SCTP))
+    assert ("icmpTypeIPv4" in names) == \
+        (tmpl.l4 == t.L4_ICMP and tmpl.l3 == t.L3_IPV4)
+    assert ("icmpTypeIPv6" in names) == \
+        (tmpl.l4 == t.L4_ICMP and tmpl.l3 == t.L3_IPV6)
+    # The key comes first, the aggregate after it.
+    key_names = [n for n, _ in tmpl.key_fields]
+    assert names[:len(key_names)] == key_names
+    assert names[len(key_names)] == "flowStartDeltaMicroseconds"
+
+
+def test_exporter_stats_options_template():
+    """RFC 7011 section 4.3 with section 3.4.2.2's layout: id, field
+    count, scope field count (not 0), scope fields first."""
+    opt = t.exporter_stats_template()
+    assert opt.record == bytes.fromhex(
+        "0140" "0004" "0001"
+        "0090" "0004"
+        "00a6" "0008" "00a7" "0008" "00a8" "0008")
+    assert opt.id == t.OPTIONS_EXPORTER_STATS_ID == 320
+    assert opt.id not in t.all_templates()
+    assert opt.data_length == 4 + 3 * 8

@@ -13,18 +13,27 @@ builds it):
 - an unchanged key is not touched: cache, sockets and sequence numbers
   stay as they are.
 
-One exporter failing to build (say every target is bad) never affects
-another.
+One exporter failing to build or to take new options (a socket that
+cannot be opened: EMFILE, ENOBUFS) never affects another.  Bad targets
+are not failures: the collector layer skips them.  A failed key is
+kept in ``failed`` (key -> error text) and built afresh by ``retry``,
+which the loop calls every turn; it acts at most every
+``RETRY_INTERVAL`` s (``next_retry`` gives the loop its timer).  An
+exporter that failed half-way through taking new options is in no
+known state, so it is closed and built afresh too.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Hashable, NamedTuple, Tuple
+from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple
 
 from ovs_ipfix_py.exporter import Exporter
 from ovs_ipfix_py.ratelimit import RateLimitedLog
 
 log = RateLimitedLog("reconcile")
+
+#: Seconds between attempts to build an exporter that failed.
+RETRY_INTERVAL = 5.0
 
 
 class Changes(NamedTuple):
@@ -42,15 +51,17 @@ class Reconciler:
     def __init__(self, factory: Callable = Exporter):
         self.factory = factory
         self.exporters: Dict[Hashable, Exporter] = {}
+        self.failed: Dict[Hashable, str] = {}
+        self.desired: Dict[Hashable, object] = {}
+        self._retry_at: Optional[float] = None
 
     def apply(self, desired: Dict[Hashable, object], now: float) -> Changes:
         created, changed, removed = [], [], []
+        self.desired = dict(desired)
+        self.failed = {k: v for k, v in self.failed.items() if k in desired}
         for key in [k for k in self.exporters if k not in desired]:
             exporter = self.exporters.pop(key)
-            try:
-                exporter.close(now)
-            except Exception as e:  # never let one exporter stop the rest
-                log.err("closing %s failed: %s", exporter.name, e)
+            self._close(exporter, now)
             removed.append(key)
             log.info("removed exporter %s", exporter.name)
         for key, options in desired.items():
@@ -64,9 +75,36 @@ class Reconciler:
                     exporter.reconfigure(options, now)
                     changed.append(key)
                     log.info("reconfigured exporter %s", options.name)
-            except Exception as e:
-                log.err("exporter %s: %s", options.name, e)
+                else:
+                    continue
+                self.failed.pop(key, None)
+            except Exception as e:  # never let one exporter stop the rest
+                if exporter is not None:
+                    # Half reconfigured: rebuild it from scratch.
+                    del self.exporters[key]
+                    self._close(exporter, now)
+                self.failed[key] = str(e)
+                log.err("exporter %s: %s (retrying in %.0f s)",
+                        options.name, e, RETRY_INTERVAL)
+        self._retry_at = now + RETRY_INTERVAL if self.failed else None
         return Changes(tuple(created), tuple(changed), tuple(removed))
+
+    def retry(self, now: float) -> Changes:
+        """Build the exporters that failed, if their retry is due."""
+        if self._retry_at is None or now < self._retry_at:
+            return Changes((), (), ())
+        return self.apply(self.desired, now)
+
+    def next_retry(self) -> Optional[float]:
+        """When ``retry`` next has work (s, the clock of ``now``)."""
+        return self._retry_at
+
+    @staticmethod
+    def _close(exporter, now: float) -> None:
+        try:
+            exporter.close(now)
+        except Exception as e:  # never let one exporter stop the rest
+            log.err("closing %s failed: %s", exporter.name, e)
 
     def close(self, now: float) -> None:
         """Flush and close every exporter (at exit)."""

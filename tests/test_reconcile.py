@@ -13,6 +13,7 @@ two (UINT32_MAX // (UINT32_MAX // 2)); a flow sample with probability
 65535 is one packet.  Octets are frame lengths times that count.
 """
 
+import errno
 import importlib.util
 import os
 import socket
@@ -26,9 +27,13 @@ from support.collector import UdpCollector
 from support.decoders import parse_collector, tshark_decode
 
 from ovs_ipfix_py.config import ConfigReader
-from ovs_ipfix_py.exporter import Exporter
 from ovs_ipfix_py.flowcache import FORCED_END, LACK_OF_RESOURCES
-from ovs_ipfix_py.reconcile import Changes, Reconciler
+from ovs_ipfix_py.options import (
+    BridgeExporterOptions,
+    CacheOptions,
+    ExportOptions,
+)
+from ovs_ipfix_py.reconcile import RETRY_INTERVAL, Changes, Reconciler
 
 BR0 = ("bridge", "br0")
 
@@ -525,32 +530,80 @@ def test_invalid_targets_affect_only_their_exporter(
 # -- the reconciler alone, against real exporters --------------------------
 
 
-def test_one_exporter_failing_to_build_does_not_stop_the_others(
-        make_collector):
-    """A factory that raises for one key: the others are still built,
-    and the failing key is retried on the next apply."""
-    from ovs_ipfix_py.options import BridgeExporterOptions, ExportOptions
+@pytest.fixture
+def failing_sockets(monkeypatch):
+    """``fail.append(n)``: the n-th next CollectorSet built by an
+    exporter raises EMFILE, as socket() does when the process is out of
+    file descriptors (CollectorSet only absorbs bad targets)."""
+    import ovs_ipfix_py.exporter as exporter_module
+    real = exporter_module.CollectorSet
+    fail = []
+    calls = [0]
 
-    a = make_collector()
-    calls = []
+    def collector_set(targets):
+        calls[0] += 1
+        if calls[0] in fail:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real(targets)
 
-    def factory(options, now):
-        calls.append(options.bridge)
-        if options.bridge == "bad" and calls.count("bad") == 1:
-            raise OSError(24, "Too many open files")
-        return Exporter(options, now)
+    monkeypatch.setattr(exporter_module, "CollectorSet", collector_set)
+    return fail
 
-    rec = Reconciler(factory)
-    export = ExportOptions(targets=(a.target,))
-    desired = {("bridge", n): BridgeExporterOptions(n, export)
-               for n in ("bad", "good")}
+
+def test_failed_exporters_are_retried_and_others_untouched(
+        make_collector, failing_sockets):
+    a, b = make_collector(), make_collector()
+    k0, k1 = ("bridge", "br0"), ("bridge", "br1")
+
+    def opts(bridge, target):
+        return BridgeExporterOptions(bridge, ExportOptions(
+            targets=(target,), cache=CacheOptions(60, 100)), sampling=1)
+
+    rec = Reconciler()
     try:
-        changes = rec.apply(desired, time.time())
-        assert changes.created == (("bridge", "good"),)
-        assert set(rec.exporters) == {("bridge", "good")}
-        changes = rec.apply(desired, time.time())
-        assert changes.created == (("bridge", "bad"),)
-        assert set(rec.exporters) == set(desired)
+        failing_sockets.append(1)  # br0's sockets
+        now = time.time()
+        changes = rec.apply({k0: opts("br0", a.target),
+                             k1: opts("br1", a.target)}, now)
+        assert changes.created == (k1,)
+        assert set(rec.exporters) == {k1} and set(rec.failed) == {k0}
+        assert "Too many open files" in rec.failed[k0]
+        assert rec.next_retry() == now + RETRY_INTERVAL
+        assert not rec.retry(now + RETRY_INTERVAL - 0.1)
+        assert rec.retry(now + RETRY_INTERVAL).created == (k0,)
+        assert rec.failed == {} and rec.next_retry() is None
+        e0, e1 = rec.exporters[k0], rec.exporters[k1]
+
+        # Failing half-way through new options: the cache was flushed to
+        # the old collector first, then the exporter is dropped and
+        # rebuilt by the retry; the other exporter is not touched.
+        feed_bridge(e0, [udp_frame(1000)] * 2)
+        feed_bridge(e1, [udp_frame(1001)] * 3)
+        failing_sockets.append(4)  # e0's new sockets
+        now = time.time()
+        changes = rec.apply({k0: opts("br0", b.target),
+                             k1: opts("br1", a.target)}, now)
+        assert not changes
+        assert set(rec.exporters) == {k1} and set(rec.failed) == {k0}
+        assert a.wait_quiet(0, quiet=0.05)
+        session, records = new_records(a, 0)
+        assert session.problems == []
+        assert [(r["src_port"], r["packets"], r["end_reason"])
+                for r in records] == [(1000, 2, FORCED_END)]
+        assert rec.exporters[k1] is e1 and len(e1.cache) == 1
+        assert rec.retry(now + RETRY_INTERVAL).created == (k0,)
+        assert rec.exporters[k0] is not e0
+        assert rec.exporters[k0].options == opts("br0", b.target)
+        assert [c.spec for c in rec.exporters[k0].collectors.collectors] \
+            == [b.target]
+        # A key that failed and is no longer wanted is forgotten.
+        rec.apply({k1: opts("br1", a.target)}, now)
+        failing_sockets.append(6)  # br0 built again
+        rec.apply({k0: opts("br0", a.target), k1: opts("br1", a.target)},
+                  now)
+        assert set(rec.failed) == {k0}
+        rec.apply({k1: opts("br1", a.target)}, now)
+        assert rec.failed == {} and rec.next_retry() is None
     finally:
         rec.close(time.time())
 

@@ -496,6 +496,7 @@ class _Frame:
     l2_len: int
     ip_len: int
     tcp_flags: int
+    cut: bool = False  # IP header unreadable or L4 header cut short
 
 
 def _mac_text(raw: bytes) -> str:
@@ -504,23 +505,27 @@ def _mac_text(raw: bytes) -> str:
 
 def _l4_fields(f: bytes, off: int, end: int, proto: int, later: bool,
                icmp_proto: int):
-    """(src_port, dst_port, icmp_type, icmp_code, tcp_flags, known)."""
+    """(src_port, dst_port, icmp_type, icmp_code, tcp_flags, known, cut)."""
     avail = end - off
     if proto in _L4_HEADER_LEN:
-        if later or avail < _L4_HEADER_LEN[proto]:
-            return 0, 0, None, None, 0, True
+        if later:
+            return 0, 0, None, None, 0, True, False
+        if avail < _L4_HEADER_LEN[proto]:
+            return 0, 0, None, None, 0, True, True
         sport, dport = struct.unpack_from("!HH", f, off)
         flags = 0
         if proto == IPPROTO_TCP:
             flags = struct.unpack_from("!H", f, off + 12)[0] & 0x0FFF
-        return sport, dport, None, None, flags, True
+        return sport, dport, None, None, flags, True, False
     if proto == icmp_proto:
         need = (_ICMP_HEADER_LEN if proto == IPPROTO_ICMP
                 else _ICMPV6_HEADER_LEN)
-        if later or avail < need:
-            return None, None, 0, 0, 0, True
-        return None, None, f[off], f[off + 1], 0, True
-    return None, None, None, None, 0, False
+        if later:
+            return None, None, 0, 0, 0, True, False
+        if avail < need:
+            return None, None, 0, 0, 0, True, True
+        return None, None, f[off], f[off + 1], 0, True, False
+    return None, None, None, None, 0, False, False
 
 
 def _parse(frame: bytes) -> _Frame:
@@ -558,22 +563,22 @@ def _parse(frame: bytes) -> _Frame:
         if n - ip < 20 or f[ip] >> 4 != 4 or ihl < 20 or n - ip < ihl:
             return _Frame(flow(4, "0.0.0.0", "0.0.0.0", 0),
                           (off, pcp, 0, 0, None), "ipv4", "err", n, ip_len,
-                          0)
+                          0, True)
         tos, total = f[ip + 1], struct.unpack_from("!H", f, ip + 2)[0]
         frag, ttl, proto = struct.unpack_from("!HBB", f, ip + 6)
         sip = str(ipaddress.IPv4Address(f[ip + 12:ip + 16]))
         dip = str(ipaddress.IPv4Address(f[ip + 16:ip + 20]))
         later = (frag & 0x1FFF) != 0
         end = min(n, ip + total)  # never read L4 from Ethernet padding
-        sport, dport, itype, icode, flags, known = _l4_fields(
+        sport, dport, itype, icode, flags, known, cut = _l4_fields(
             f, ip + ihl, end, proto, later, IPPROTO_ICMP)
         return _Frame(flow(4, sip, dip, proto, sport, dport, itype, icode),
                       (off, pcp, ttl, tos, None), "ipv4",
-                      "ok" if known else "err", n, ip_len, flags)
+                      "ok" if known else "err", n, ip_len, flags, cut)
 
     if n - ip < 40 or f[ip] >> 4 != 6:
         return _Frame(flow(6, "::", "::", 0), (off, pcp, 0, 0, 0), "ipv6",
-                      "err", n, ip_len, 0)
+                      "err", n, ip_len, 0, True)
     word, plen, nh, hlim = struct.unpack_from("!IHBB", f, ip)
     tclass, label = (word >> 20) & 0xFF, word & 0xFFFFF
     sip = str(ipaddress.IPv6Address(f[ip + 8:ip + 24]))
@@ -596,19 +601,26 @@ def _parse(frame: bytes) -> _Frame:
         else:
             nh, l4 = f[l4], l4 + (f[l4 + 1] + 1) * 8
     if whole:
-        sport, dport, itype, icode, flags, known = _l4_fields(
+        sport, dport, itype, icode, flags, known, cut = _l4_fields(
             f, l4, end, nh, later, IPPROTO_ICMPV6)
     else:
         sport = dport = itype = icode = None
-        flags, known = 0, False
+        flags, known, cut = 0, False, True
     return _Frame(flow(6, sip, dip, nh, sport, dport, itype, icode),
                   (off, pcp, hlim, tclass, label), "ipv6",
-                  "ok" if known else "err", n, ip_len, flags)
+                  "ok" if known else "err", n, ip_len, flags, cut)
 
 
 def flow_id_of(frame: bytes) -> FlowId:
     """The FlowId of one frame (see the module docstring for the rules)."""
     return _parse(frame).flow
+
+
+def is_cut(frame: bytes) -> bool:
+    """Whether ``frame`` is cut short on purpose: its IP header is
+    unreadable or its L4 header incomplete (decoders flag these as
+    malformed)."""
+    return _parse(frame).cut
 
 
 def is_bfd(frame: bytes) -> bool:
@@ -675,10 +687,10 @@ def _mac(rng: random.Random) -> str:
 
 
 def _port(rng: random.Random) -> int:
-    while True:
-        port = rng.randrange(1, 65536)
-        if port not in BFD_PORTS:
-            return port
+    # From the dynamic range (RFC 6335): decoders attach no protocol to
+    # these ports, so random payloads are not mistaken for one, and the
+    # BFD ports never occur.
+    return rng.randrange(49152, 65536)
 
 
 _TCP_FLAG_CHOICES = (TCP_SYN, TCP_SYN | TCP_ACK, TCP_ACK, TCP_PSH | TCP_ACK,
@@ -700,16 +712,18 @@ class _Mix:
 
     def payload(self, most: int = 1400) -> bytes:
         # Varied lengths, small ones often so minimum-size frames occur.
-        size = self.rng.choice((0, 0, 1, 6, 18, 64, 200, 512, 1000, most))
-        return bytes(self.rng.randrange(256) for _ in range(min(size, 64))) \
-            + bytes(max(0, size - 64))
+        # Zeros: no decoder heuristic (RTP, RTCP, STUN...) claims them.
+        return bytes(self.rng.choice((0, 0, 1, 6, 18, 64, 200, 512, 1000,
+                                      most)))
 
     def l4(self, proto: int, sport: int, dport: int,
            icmp_kind: Tuple[int, int]) -> bytes:
         rng = self.rng
         if proto == IPPROTO_TCP:
-            return tcp(sport, dport, flags=rng.choice(_TCP_FLAG_CHOICES),
-                       seq=rng.randrange(1 << 32), payload=self.payload())
+            flags = rng.choice(_TCP_FLAG_CHOICES)
+            data = b"" if flags & TCP_RST else self.payload()
+            return tcp(sport, dport, flags=flags, seq=rng.randrange(1 << 32),
+                       payload=data)
         if proto == IPPROTO_UDP:
             return udp(sport, dport, self.payload())
         if proto == IPPROTO_SCTP:
@@ -826,8 +840,11 @@ def traffic_mix(seed: int = 1, flows_per_kind: int = 3,
 
 
 def _arp_frames(rng: random.Random) -> List[bytes]:
-    a, b = _mac(rng), _mac(rng)
     spa, tpa = _host4(rng), _host4(rng)
+    # MACs follow from the addresses, so that no two ARP flows bind one
+    # address to two MACs (decoders warn of a duplicate address).
+    a, b = ("02:00:" + _mac_text(ipaddress.IPv4Address(ip).packed)
+            for ip in (spa, tpa))
     return [ethernet(arp(1, sha=a, spa=spa, tpa=tpa), src=a,
                      dst="ff:ff:ff:ff:ff:ff", ethertype=ETH_TYPE_ARP),
             ethernet(arp(2, sha=b, spa=tpa, tha=a, tpa=spa), src=b, dst=a,

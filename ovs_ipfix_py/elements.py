@@ -5,19 +5,23 @@ the columns ``element_id,name,data_type,semantics,units,status,pen``
 (``pen`` 0 for IANA elements).  This module reads it once, lazily, and
 answers look-ups by name or by (id, PEN).
 
-Source of the table (taken 2025, registry revisions up to 2024-10-23):
+Source and date (converted November 2026 from public copies):
 
 - IANA "IPFIX Information Elements" sub-registry of the "IP Flow
-  Information Export (IPFIX) Entities" registry, as published in
-  ``ipfix-information-elements.csv`` / ``ipfix.xml``, every assigned
-  element 1-529 with its *current* definition (for example
-  observationPointId is unsigned64 and tcpControlBits unsigned16, per
-  RFC 9565).  Rows that are reserved or merely "assigned for NetFlow v9
-  compatibility" (65-69, 97, 105-127) and unassigned ids (416, 419) are
-  left out.  ``unsigned256`` is the type RFC 9740 added.
+  Information Export (IPFIX) Entities" registry: elements 1-529 with
+  type, semantics, units and status from a republished copy of
+  ``ipfix-information-elements.csv`` (revisions through 2024-10-23); ids,
+  names and types of 1-533 cross-checked against a second copy (registry
+  as updated 2026-09-11).  Every element carries its *current*
+  definition (for example observationPointId is unsigned64 and
+  tcpControlBits unsigned16, per RFC 9565); deprecated ones are kept,
+  marked ``deprecated``.  Rows that are reserved or merely "assigned for
+  NetFlow v9 compatibility" (65-69, 97, 105-127) and unassigned ids
+  (416, 419) are left out.  ``unsigned256`` is the type RFC 9740 added.
 - Elements 530-533 (pathDelay*DeltaMicroseconds, On-Path Telemetry
-  delay, registered later): id, name and type from a newer copy of the
-  registry; semantics and units as the defining draft gives them.
+  delay) are only in the newer copy, which gives id, name and type;
+  their semantics and units (quantity, or deltaCounter for the sum;
+  microseconds) follow draft-ietf-opsawg-ipfix-on-path-telemetry.
 - VMware enterprise elements (PEN 6876) that Open vSwitch sends, as
   declared in OVS's ``ofproto/ipfix-enterprise-entities.def``:
   tunnelType 891 ... tunnelDestinationTransportPort 897 and

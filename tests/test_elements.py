@@ -2,6 +2,7 @@
 
 import csv
 import os
+import sys
 
 import pytest
 
@@ -246,8 +247,6 @@ def test_bad_tables_are_rejected_with_line_numbers(tmp_path):
 
 
 def test_missing_schema_names_the_places_searched(monkeypatch, tmp_path):
-    import sys
-
     paths = elements._candidate_paths()
     assert paths[1] == os.path.join(sys.prefix, "share", "ovs-ipfix-py",
                                     "schemas", "ipfix-elements.csv")

@@ -115,6 +115,9 @@ class Daemon:
         self.config.run()
         if self.config.changed():
             self.reconciler.apply(self.config.desired(), self.clock())
+        else:
+            # Exporters that failed to build (EMFILE, say) are retried.
+            self.reconciler.retry(self.clock())
         self.channel.run(self.clock)
         now = self.clock()
         for exp in list(self.reconciler.exporters.values()):
@@ -128,6 +131,9 @@ class Daemon:
         deadlines = [d for d in (e.next_deadline() for e in
                                  self.reconciler.exporters.values())
                      if d is not None]
+        retry = self.reconciler.next_retry()
+        if retry is not None:
+            deadlines.append(retry)
         if deadlines:
             delay = min(deadlines) - self.clock()
             if delay <= 0:

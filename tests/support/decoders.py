@@ -262,22 +262,26 @@ class Session:
         self.messages = []
         self.problems = []
 
-    # The normalized view tests mostly want.
     @property
     def records(self):
-        """Normalized dicts of every non-options data record."""
-        return [r.normalized() for m in self.messages
-                for r in m.data_records]
+        """Every (non-options) DataRecord, in arrival order."""
+        return [r for m in self.messages for r in m.data_records]
 
     @property
     def options_records(self):
-        return [r.normalized() for m in self.messages
-                for r in m.options_records]
+        """Every options DataRecord, in arrival order."""
+        return [r for m in self.messages for r in m.options_records]
 
-    def parse(self, data, source=None, arrival=None, datagram=True):
-        """Parse ``data``: one datagram holding exactly one message
-        (``datagram=True``) or messages back to back (a file, a TCP
-        stream).  Returns the messages parsed; never raises on bad
+    def normalized(self, options=False):
+        """The data records (or, with ``options``, the options records)
+        as normalized dicts: the keys tshark_decode's records use."""
+        records = self.options_records if options else self.records
+        return [r.normalized() for r in records]
+
+    def parse(self, data, source=None, arrival=None, datagram=False):
+        """Parse ``data``: messages back to back (a file, a TCP stream)
+        or, with ``datagram=True``, one datagram that must hold exactly
+        one message.  Returns the messages parsed; never raises on bad
         input, which is reported in ``problems`` instead."""
         messages = []
         offset = 0
@@ -478,11 +482,12 @@ def parse_messages(data, source=None, session=None, datagram=False):
 def parse_datagrams(datagrams, senders=None, transport="udp"):
     """Parse a collector's ``datagrams`` [(arrival, bytes)] (one message
     each) in one Session, keyed by ``senders`` if given; returns the
-    Session (``.messages``, ``.records``, ``.problems``)."""
+    Session (``.messages``, ``.records``, ``.normalized()``,
+    ``.problems``)."""
     session = Session(transport)
     for i, (arrival, data) in enumerate(datagrams):
         source = senders[i] if senders is not None else None
-        session.parse(data, source, arrival)
+        session.parse(data, source, arrival, datagram=True)
     return session
 
 

@@ -36,7 +36,7 @@ Rules the truth follows (see /tmp/semantics.md):
   6, from the ethertype.
 - L4 read only inside the IP packet (IPv4 total length / IPv6 payload
   length, so never from Ethernet padding) and only when its header is
-  whole: TCP 20, UDP 8, SCTP 12, ICMP 8, ICMPv6 4 octets; otherwise its
+  whole: TCP 20, UDP 8, SCTP 12, ICMP 8, ICMPv6 8 octets; otherwise its
   fields are 0 and the frame still counts as OK.  Non-first fragments
   (IPv4 offset != 0, IPv6 fragment header offset != 0): ports or ICMP
   type/code 0.  IPv6 extension headers 0, 43, 44, 60, 51 are walked; a
@@ -89,7 +89,7 @@ _IPV6_EXT = (IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_FRAGMENT,
 # Whole-header lengths below which L4 fields read as 0.
 _L4_HEADER_LEN = {IPPROTO_TCP: 20, IPPROTO_UDP: 8, IPPROTO_SCTP: 12}
 _ICMP_HEADER_LEN = 8
-_ICMPV6_HEADER_LEN = 4
+_ICMPV6_HEADER_LEN = 8  # OVS reads struct icmp6_hdr, 8 octets
 
 
 # --- checksums -------------------------------------------------------------
@@ -927,6 +927,8 @@ def _truncated_frames(rng: random.Random) -> List[bytes]:
       to 60 (the padding must not be read as TCP): OK, ports 0.
     - IPv4/UDP with 4 octets of UDP header, not padded: OK, ports 0.
     - IPv6 with 6 octets of TCP header (padded): OK, ports 0.
+    - ICMP with 7 octets and ICMPv6 with 6 octets of header: OK, type
+      and code 0.
     - IPv4 header cut after 12 octets, IPv6 header after 24 (frames
       shorter than the minimum): errors, IP fields 0.
     - IPv4 with IHL 4 (invalid): error, IP fields 0.
@@ -942,6 +944,9 @@ def _truncated_frames(rng: random.Random) -> List[bytes]:
     whole4 = ipv4(udp(sport, dport, bytes(40)), src=src, dst=dst)
     whole6 = ipv6(udp(sport, dport, bytes(40)), src=_host6(rng),
                   dst=_host6(rng))
+    cut_icmp = ipv4(icmp(8)[:7], src=src, dst=dst, proto=IPPROTO_ICMP)
+    cut_icmp6 = ipv6(icmpv6(128)[:6], src=_host6(rng), dst=_host6(rng),
+                     proto=IPPROTO_ICMPV6)
     bad_ihl = bytearray(whole4)
     bad_ihl[0] = 0x44
     bad_ihl[10:12] = b"\0\0"
@@ -950,6 +955,8 @@ def _truncated_frames(rng: random.Random) -> List[bytes]:
         ethernet(cut_tcp, src=smac, dst=dmac),
         ethernet(cut_udp, src=smac, dst=dmac, pad=False),
         ethernet(cut_tcp6, src=smac, dst=dmac, ethertype=ETH_TYPE_IPV6),
+        ethernet(cut_icmp, src=smac, dst=dmac),
+        ethernet(cut_icmp6, src=smac, dst=dmac, ethertype=ETH_TYPE_IPV6),
         ethernet(whole4[:12], src=smac, dst=dmac, pad=False),
         ethernet(whole6[:24], src=smac, dst=dmac, ethertype=ETH_TYPE_IPV6,
                  pad=False),

@@ -628,14 +628,16 @@ def _expert_messages(node, found):
     if not isinstance(node, dict):
         return
     for key, value in node.items():
-        if key == "_ws.expert" and isinstance(value, dict):
+        if key == "_ws.expert":
+            # Several expert items in one node come as a list
+            # (--no-duplicate-keys).
             for item in value if isinstance(value, list) else [value]:
                 severity = int(_first(item.get("_ws.expert.severity",
                                                 "0")))
                 if severity >= _PI_WARN:
                     found.append(_first(item.get("_ws.expert.message",
                                                  "expert info")))
-        elif key == "_ws.malformed" and not isinstance(value, dict):
+        elif key == "_ws.malformed" and isinstance(value, (str, list)):
             found.append("Malformed Packet")
         else:
             _expert_messages(value, found)

@@ -107,8 +107,9 @@ class _Collector:
         if not self._receive_until(
                 lambda: len(self.datagrams) > after_count, deadline):
             return False
-        while time.monotonic() < deadline:
-            if not self.receive(min(quiet, deadline - time.monotonic())):
+        # Only a full ``quiet`` window before the deadline counts.
+        while deadline - time.monotonic() >= quiet:
+            if not self.receive(quiet):
                 return True
         return False
 

@@ -141,6 +141,7 @@ class ChannelServer:
             raise ChannelError(f"cannot set up {path}: {e.strerror or e}"
                                ) from None
         self._sock = sock
+        self._view = memoryview(bytearray(upcall.MAX_DATAGRAM_SIZE))
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -165,21 +166,25 @@ class ChannelServer:
         sock = self._sock
         if sock is None:
             return 0
-        recv = sock.recv
+        # recv_into a preallocated buffer, then one copy: recv(256 KiB)
+        # would allocate and trim a fresh 256 KiB object per datagram,
+        # which costs more (measured ~40 us) than copying 64 KiB.
+        recv_into = sock.recv_into
+        view = self._view
         decode = upcall.decode
-        size = upcall.MAX_DATAGRAM_SIZE
         upcalls: list = []
         problems: list = []
         n = 0
         while n < self.max_batch:
             try:
-                data = recv(size)
+                size = recv_into(view)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
                 self._warn(f"{self.path}: receive failed: {e.strerror}")
                 break
             n += 1
+            data = view[:size].tobytes()
             got, errors = decode(data, problems)
             if errors:
                 self._malformed_datagrams += 1

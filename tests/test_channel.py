@@ -411,3 +411,22 @@ def test_malformed_input_is_logged_with_a_rate_limit(sockdir):
     assert len(lines) == 20  # the burst, then silence
     assert all(re.search(r"\| channel \| WARN \| .*bad magic", line)
                for line in lines), lines[0]
+
+
+def test_oversized_datagram_is_counted_as_truncated(server_factory,
+                                                    client):
+    s = server_factory()
+    one = upcall._encode_upcall(_bridge(1, b"\x00" * 1000))
+    n = upcall.MAX_DATAGRAM_SIZE // len(one) + 10
+    big = upcall._datagram([one] * n, 12 + n * len(one))
+    assert len(big) > upcall.MAX_DATAGRAM_SIZE
+    c = client()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    c.sendto(big, s.path)
+    c.sendto(upcall.encode([_bridge(2)]), s.path)
+    assert s.run() == 2
+    ups = [u for batch, _ in s.got for u in batch]
+    fit = (upcall.MAX_DATAGRAM_SIZE - 12) // len(one)
+    assert len(ups) == fit + 1 and ups[-1] == _bridge(2)
+    assert s.stats["malformed_datagrams"] == 1
+    assert s.stats["malformed_upcalls"] == n - fit

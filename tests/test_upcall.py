@@ -446,3 +446,39 @@ def test_malformed_upcall_is_a_value_error():
     assert isinstance(e, ValueError)
     assert str(e) == "upcall 3 at offset 40: missing FRAME"
     assert (e.index, e.offset) == (3, 40)
+
+
+def test_batcher_and_frame_batcher_build_the_same_datagrams():
+    fr = [(FRAME[:i % 55], i % 55 + (i % 4) * 7) for i in range(3000)]
+    for template in (bridge(output_port=2, tunnel=V4),
+                     flow(direction=2, tunnel=V6)):
+        b = U.Batcher(5000)
+        fb = U.FrameBatcher(template, 5000)
+        assert len(b) == len(fb) == 0
+        out_b, out_fb = [], []
+        for frame, orig in fr:
+            u = template._replace(frame=frame, orig_len=orig)
+            for out, d in ((out_b, b.add(u)), (out_fb, fb.add(frame, orig))):
+                if d is not None:
+                    out.append(d)
+        assert len(b) == len(fb) > 0
+        out_b.append(b.flush())
+        out_fb.append(fb.flush())
+        assert b.flush() is fb.flush() is None
+        assert out_b == out_fb
+        assert out_b == list(pack_batches(
+            [template._replace(frame=f, orig_len=o) for f, o in fr], 5000))
+
+
+def test_frame_batcher_rejects_bad_frames():
+    fb = U.FrameBatcher(bridge(), 1000)
+    with pytest.raises(ValueError, match="orig_len"):
+        fb.add(b"abc", 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        fb.add(b"x" * 2000, 2000)
+    with pytest.raises(ValueError, match="exceeds"):
+        U.FrameBatcher(bridge(), U.MAX_DATAGRAM_SIZE).add(b"x" * 70000,
+                                                          70000)
+    with pytest.raises(ValueError, match="probability"):
+        U.FrameBatcher(bridge(probability=0))
+    assert len(fb) == 0

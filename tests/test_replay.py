@@ -1,0 +1,246 @@
+"""ovs-ipfix-replay as a program: it runs as a child process
+(``python -m ovs_ipfix_py.replay``, what the console script calls) and
+sends into a real ChannelServer served by this test's poll loop."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import ovs.poller
+import pytest
+
+from ovs_ipfix_py import upcall
+from ovs_ipfix_py.channel import ChannelServer
+from ovs_ipfix_py.pcap import write_pcap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUMMARY = re.compile(r"^ovs-ipfix-replay: (\d+) packets read, (\d+) "
+                     r"samples sent, (\d+) datagrams, [0-9.]+ s$")
+
+
+@pytest.fixture
+def tmp():
+    d = tempfile.mkdtemp(prefix="replay-", dir="/tmp")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def server(tmp):
+    """A ChannelServer that records (upcalls, now) batches, and the
+    datagram count per run()."""
+    batches = []
+    s = ChannelServer(os.path.join(tmp, "ovs-ipfix-exporter.sock"),
+                      lambda ups, now: batches.append(ups))
+    s.batches = batches
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def frames(n, start=1700000000.0):
+    out = []
+    for i in range(n):
+        frame = (bytes.fromhex("0200000000020200000000010800")
+                 + i.to_bytes(4, "big") + bytes(i % 64))
+        orig = len(frame) + (1000 if i % 5 == 0 else 0)
+        out.append((start + i * 0.001, frame, orig))
+    return out
+
+
+def run_replay(server, *args, timeout=60):
+    """Run the replay against ``server`` while serving its socket.
+    Returns (returncode, stderr, upcalls received)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ovs_ipfix_py.replay",
+                             *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            poller = ovs.poller.Poller()
+            if server is not None:
+                server.wait(poller)
+            poller.timer_wait(20)
+            poller.block()
+            if server is not None:
+                server.run()
+            if proc.poll() is not None:
+                break
+        if server is not None:
+            while server.run():
+                pass
+        stderr = proc.communicate(timeout=10)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    got = [u for batch in server.batches for u in batch] if server else []
+    return proc.returncode, stderr, got
+
+
+def assert_one_line(stderr):
+    assert stderr.endswith("\n")
+    assert stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr
+
+
+def test_bridge_samples_arrive_intact(tmp, server):
+    fr = frames(3000)
+    path = os.path.join(tmp, "in.pcap")
+    write_pcap(path, fr)
+    rc, err, got = run_replay(server, f"--channel={server.path}", path)
+    assert rc == 0, err
+    assert_one_line(err)
+    packets, samples, datagrams = map(int, SUMMARY.match(err).groups())
+    assert (packets, samples) == (3000, 3000)
+    assert datagrams == server.stats["datagrams"] >= 2
+    assert got == [upcall.BridgeSample("br0", 1, None, 0xFFFFFFFF, f, o)
+                   for _, f, o in fr]
+    assert server.stats["malformed_datagrams"] == 0
+
+
+def test_flow_samples_arrive_intact(tmp, server):
+    fr = frames(500)
+    path = os.path.join(tmp, "in.pcap")
+    write_pcap(path, fr)
+    rc, err, got = run_replay(
+        server, f"--channel={server.path}", "--bridge=br-int",
+        "--collector-set=5", "--obs-domain-id=6", "--obs-point-id=7",
+        "--direction=egress", "--input-port=3", "--output-port=4", path)
+    assert rc == 0, err
+    assert got == [upcall.FlowSample("br-int", 5, 6, 7, 65535, 2, 3, 4, f, o)
+                   for _, f, o in fr]
+
+
+def test_bridge_sampling_picks_one_in_n_reproducibly(tmp, server):
+    fr = frames(5000)
+    path = os.path.join(tmp, "in.pcap")
+    write_pcap(path, fr)
+    args = [f"--channel={server.path}", "--sampling=10", "--output-port=9"]
+    rc, err, got = run_replay(server, *args, "--seed=1", path)
+    assert rc == 0, err
+    assert 380 <= len(got) <= 620  # binomial(5000, 0.1): mean 500, sd 21
+    assert SUMMARY.match(err).group(2) == str(len(got))
+    assert {(u.probability, u.output_port) for u in got} == \
+        {(0xFFFFFFFF // 10, 9)}
+    index = {f: i for i, (_, f, _) in enumerate(fr)}
+    picked = [index[u.frame] for u in got]
+    assert picked == sorted(picked)
+    server.batches.clear()
+    rc, _, again = run_replay(server, *args, "--seed=1", path)
+    assert rc == 0 and again == got
+    server.batches.clear()
+    rc, _, other = run_replay(server, *args, "--seed=2", path)
+    assert rc == 0 and other != got
+
+
+def test_flow_probability_picks_packets_too(tmp, server):
+    path = os.path.join(tmp, "in.pcap")
+    write_pcap(path, frames(4000))
+    rc, err, got = run_replay(server, f"--channel={server.path}",
+                              "--collector-set=1", "--probability=16384",
+                              path)
+    assert rc == 0, err
+    assert 850 <= len(got) <= 1150  # 4000 x 1/4, sd 27
+    assert {u.probability for u in got} == {16384}
+
+
+def test_default_channel_is_in_ovs_rundir(tmp, server, monkeypatch):
+    path = os.path.join(tmp, "in.pcap")
+    write_pcap(path, frames(10))
+    monkeypatch.setenv("OVS_RUNDIR", tmp)
+    rc, err, got = run_replay(server, path)
+    assert rc == 0, err
+    assert len(got) == 10
+
+
+def test_jumbo_frames_are_truncated_to_fit_a_datagram(tmp, server):
+    big = bytes(range(256)) * 40  # 10240 bytes
+    path = os.path.join(tmp, "in.pcap")
+    write_pcap(path, [(1.0, big), (2.0, big[:100], 9000)])
+    rc, err, got = run_replay(server, f"--channel={server.path}",
+                              "--max-datagram=4096", path)
+    assert rc == 0, err
+    assert len(got) == 2
+    assert got[0].orig_len == 10240
+    assert 3900 < len(got[0].frame) < 4096
+    assert got[0].frame == big[:len(got[0].frame)]
+    assert (got[1].frame, got[1].orig_len) == (big[:100], 9000)
+    assert server.stats["datagrams"] == 2  # the first one fills one
+
+
+def test_rate_paces_and_flushes_before_sleeping(tmp, server):
+    path = os.path.join(tmp, "in.pcap")
+    write_pcap(path, frames(100))
+    t0 = time.monotonic()
+    rc, err, got = run_replay(server, f"--channel={server.path}",
+                              "--rate=250", path)
+    elapsed = time.monotonic() - t0
+    assert rc == 0, err
+    assert len(got) == 100
+    assert elapsed >= 0.38  # 99 intervals of 4 ms
+    assert elapsed < 10
+    # Paced samples travel in many small datagrams, not one at the end.
+    assert server.stats["datagrams"] >= 20
+
+
+def test_missing_or_dead_channel_is_one_line_error(tmp):
+    path = os.path.join(tmp, "in.pcap")
+    write_pcap(path, frames(5))
+    missing = os.path.join(tmp, "nope.sock")
+    rc, err, _ = run_replay(None, f"--channel={missing}", path)
+    assert rc == 1
+    assert_one_line(err)
+    assert f"cannot reach the channel {missing}: No such file" in err
+    dead = os.path.join(tmp, "dead.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(dead)
+    s.close()  # a stale socket file: nobody reads it
+    rc, err, _ = run_replay(None, f"--channel={dead}", path)
+    assert rc == 1
+    assert_one_line(err)
+    assert "Connection refused" in err
+
+
+def test_bad_file_is_one_line_error(tmp, server):
+    garbage = os.path.join(tmp, "garbage.pcap")
+    with open(garbage, "wb") as f:
+        f.write(b"this is not a capture at all")
+    cut = os.path.join(tmp, "cut.pcap")
+    write_pcap(cut, frames(10))
+    with open(cut, "r+b") as f:
+        f.truncate(os.path.getsize(cut) - 7)
+    for path, message in ((os.path.join(tmp, "missing.pcap"),
+                           "cannot open"),
+                          (garbage, "not a pcap or pcapng"),
+                          (cut, "truncated or corrupt")):
+        rc, err, _ = run_replay(server, f"--channel={server.path}", path)
+        assert rc == 1, err
+        assert_one_line(err)
+        assert err.startswith(f"ovs-ipfix-replay: {path}: "), err
+        assert message in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampling=0"], "--sampling"),
+    (["--obs-domain-id=3"], "--obs-domain-id needs --collector-set"),
+    (["--collector-set=1", "--probability=70000"], "--probability"),
+    (["--collector-set=1", "--sampling=5"], "--sampling is for bridge"),
+    (["--rate=-3"], "positive"),
+    (["--input-port=x"], "not an integer"),
+    ([], "required"),
+])
+def test_bad_options_are_one_line_errors(tmp, args, message):
+    path = [os.path.join(tmp, "in.pcap")] if args else []
+    rc, err, _ = run_replay(None, *args, *path)
+    assert rc == 2
+    assert_one_line(err)
+    assert message in err, err

@@ -21,11 +21,16 @@ Attributes are TLVs in the netlink manner (``struct nlattr``): a decoder
 skips types it does not know, the last of duplicated types wins, and a
 ``nested`` value is itself a run of attributes (the tunnel).
 
-Decoding is the exporter's hot path: it uses precompiled ``struct.Struct``
-objects on the received ``bytes`` and keeps the per-attribute work to a
-table lookup, one ``unpack_from`` and a slot store.  :func:`decode` never
-raises: a bad upcall is counted and skipped (each upcall is
-length-prefixed), a broken frame or header stops the datagram, counted.
+Decoding is the exporter's hot path.  Encoders put FRAME (and ORIG_LEN)
+first, so the attributes after them repeat byte for byte from one upcall
+to the next of the same source; the decoder caches those bytes -> the
+decoded fields, and a typical upcall costs two ``unpack_from``, two
+slices and a dict lookup (about 1 M upcalls/s in CPython 3.11).  Other
+layouts take the generic path: precompiled ``struct.Struct`` objects and
+a per-kind attribute table compiled from :data:`ATTRIBUTES`.
+:func:`decode` never raises: a bad upcall is counted and skipped (each
+upcall is length-prefixed); a bad header or broken framing stops the
+datagram, counted.
 """
 
 from __future__ import annotations

@@ -222,13 +222,16 @@ class Exporter:
             if h is None:
                 h = heads[hk] = self._fast_heads(domain, point, in_port,
                                                  out_port)
-            if (h is not None and len(f) >= 48 and f[12] == 8
+            if (h is not None and len(f) >= 42 and f[12] == 8
                     and f[13] == 0 and f[14] == 0x45
                     and not (f[20] & 0x1F or f[21])):
                 fast = h.get(f[23])
-                if fast is not None and not (
-                        f[23] == 17 and f[36:38] in _BFD_DPORTS):
-                    head, mid, l4_end, is_tcp = fast
+                # The whole L4 header must lie inside the IP packet and
+                # the frame (else packet.parse zeroes the L4 fields).
+                if fast is not None and fast[4] <= (
+                        f[16] << 8 | f[17]) and fast[4] + 14 <= len(f) \
+                        and not (f[23] == 17 and f[36:38] in _BFD_DPORTS):
+                    head, mid, l4_end, is_tcp, _ = fast
                     frame_len = s.orig_len
                     if frame_len < len(f):
                         frame_len = len(f)
@@ -250,7 +253,8 @@ class Exporter:
 
     def _fast_heads(self, domain, point, in_port, out_port):
         """Key pieces of the fast path for one (input, output) port pair:
-        {IP protocol: (prefix + head, middle, end of L4 part, is TCP)},
+        {IP protocol: (prefix + head, middle, end of L4 part, is TCP,
+        IP packet bytes the fast path needs)},
         or None when this direction is not sampled.
         """
         o = self.options
@@ -264,13 +268,17 @@ class Exporter:
             direction = t.EGRESS
             ports = struct.pack("!II", in_port, out_port)
         out = {}
-        for proto, l4, end in ((6, t.L4_TCP, 38), (17, t.L4_UDP, 38),
-                               (132, t.L4_SCTP, 38), (1, t.L4_ICMP, 36)):
+        # (IP protocol, layout, end of the key's L4 slice, IP packet
+        # bytes needed: 20 of IP header + the whole L4 header).
+        for proto, l4, end, need in ((6, t.L4_TCP, 38, 40),
+                                     (17, t.L4_UDP, 38, 28),
+                                     (132, t.L4_SCTP, 38, 32),
+                                     (1, t.L4_ICMP, 36, 28)):
             tid = t.template_id(t.L2_ETH, t.L3_IPV4, l4, direction)
             head = KEY_PREFIX.pack(domain, tid) + struct.pack(
                 "!IB", point & UINT32_MAX, direction)
             mid = b"\x08\x00\x0e" + ports + b"\x04"
-            out[proto] = (head, mid, end, proto == 6)
+            out[proto] = (head, mid, end, proto == 6, need)
         return out
 
     def _sample(self, frame, orig_len, count, domain, point, direction,

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import collections
 import re
-import time
 from typing import Dict, List, Optional, Tuple, Union
 
 import netaddr
@@ -55,7 +54,6 @@ import ovs.db.error
 import ovs.db.idl
 import ovs.json
 import ovs.jsonrpc
-import ovs.vlog
 
 from ovs_ipfix_py.options import (
     DEFAULT_COLLECTOR_PORT,
@@ -70,8 +68,9 @@ from ovs_ipfix_py.options import (
     ExportOptions,
     FlowExporterOptions,
 )
+from ovs_ipfix_py.ratelimit import RateLimitedLog
 
-vlog = ovs.vlog.Vlog("config")
+log = RateLimitedLog("config")
 
 DB_NAME = "Open_vSwitch"
 
@@ -110,36 +109,6 @@ ExporterOptions = Union[BridgeExporterOptions, FlowExporterOptions]
 # A DNS host name (RFC 1123 section 2.1): dot-separated labels of letters,
 # digits and hyphens, not starting or ending with a hyphen.
 _LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-
-
-class RateLimit:
-    """Token bucket in the manner of OVS's ``VLOG_RATE_LIMIT_INIT``.
-
-    ``rate``: messages per minute in the long run; ``burst``: how many may
-    go out at once.  ``allow(now)`` (``now`` in seconds, monotonic) says
-    whether one more may be logged and counts the ones it refuses in
-    ``dropped``.
-    """
-
-    def __init__(self, rate: float = 5, burst: int = 10) -> None:
-        self.rate = float(rate)
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.last: Optional[float] = None
-        self.dropped = 0
-
-    def allow(self, now: Optional[float] = None) -> bool:
-        if now is None:
-            now = time.monotonic()
-        if self.last is not None:
-            self.tokens = min(self.burst, self.tokens
-                              + (now - self.last) * self.rate / 60.0)
-        self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        self.dropped += 1
-        return False
 
 
 def _parse_port(text: str) -> int:
@@ -256,23 +225,19 @@ class ConfigReader:
     "tcp:IP:PORT", "ssl:IP:PORT", or several separated by commas; for ssl
     the caller sets ovs.stream.Stream's key, certificate and CA first).
     ``probe_interval`` (ms): inactivity probe, None for OVS's default.
-    ``log_rate`` (messages per minute) and ``log_burst`` limit the
-    warnings logged.
 
     ``stats`` counts: ``schema_fetches`` (successful get_schema replies),
     ``schema_errors``, ``schema_changes`` (IDL rebuilt for a new schema),
-    ``config_warnings`` (distinct problems met), ``log_suppressed``
-    (warnings not logged because of the rate limit).
+    ``config_warnings`` (distinct problems met).
     """
 
-    def __init__(self, remote: str, probe_interval: Optional[int] = None,
-                 log_rate: float = 5, log_burst: int = 10) -> None:
+    def __init__(self, remote: str,
+                 probe_interval: Optional[int] = None) -> None:
         self.remote = remote
         self.probe_interval = probe_interval
         self.stats: collections.Counter = collections.Counter()
         self.recent_warnings: collections.deque = collections.deque(
             maxlen=32)
-        self._rl = RateLimit(log_rate, log_burst)
         self._problems: Dict[str, str] = {}
 
         self._idl: Optional[_Idl] = None
@@ -431,13 +396,13 @@ class ConfigReader:
         idl = self._make_idl(schema_json)
         if self._idl is not None:
             self.stats["schema_changes"] += 1
-            vlog.info(f"{self.remote}: {DB_NAME} schema changed from "
+            log.vlog.info(f"{self.remote}: {DB_NAME} schema changed from "
                       f"{self._fingerprint[0]} to {fingerprint[0]}, "
                       "reloading")
             # self._desired stays valid until the new IDL has synced.
             self._idl.close()
         else:
-            vlog.info(f"{self.remote}: using {DB_NAME} schema "
+            log.vlog.info(f"{self.remote}: using {DB_NAME} schema "
                       f"{fingerprint[0]}")
         tables = schema_json["tables"]
         self._idl = idl
@@ -618,8 +583,7 @@ class ConfigReader:
             self._log(text)
         self._problems = reading.problems
 
-    def _log(self, text: str) -> None:
-        if self._rl.allow():
-            vlog.warn(text)
-        else:
-            self.stats["log_suppressed"] += 1
+    @staticmethod
+    def _log(text: str) -> None:
+        # One rate-limit bucket for all configuration warnings.
+        log.warn("%s", text)

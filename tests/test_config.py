@@ -17,7 +17,7 @@ import time
 import ovs.poller
 import pytest
 
-from ovs_ipfix_py.config import ConfigReader, RateLimit, parse_target
+from ovs_ipfix_py.config import ConfigReader, parse_target
 from ovs_ipfix_py.options import (
     BridgeExporterOptions,
     CacheOptions,
@@ -164,14 +164,6 @@ def test_parse_target_accepts(target, expected):
 def test_parse_target_rejects(target):
     with pytest.raises(ValueError):
         parse_target(target)
-
-
-def test_rate_limit_token_bucket():
-    rl = RateLimit(rate=60, burst=3)   # one per second in the long run
-    assert [rl.allow(100.0) for _ in range(4)] == [True, True, True, False]
-    assert not rl.allow(100.5)
-    assert rl.allow(101.6)
-    assert rl.dropped == 2
 
 
 # -- against ovsdb-server ----------------------------------------------------
@@ -342,14 +334,15 @@ def test_invalid_values_warn_once_and_never_raise(ovsdb, reader_factory):
     assert "'abc' is not a number of bytes" in cfg.recent_warnings[-1]
 
 
-def test_invalid_target_reaches_the_log(ovsdb):
-    """The warning really goes out through ovs.vlog (in a child process:
-    Vlog.init() is process-wide)."""
-    create_ipfix(ovsdb, ipfix_args=['targets=["127.0.0.1:4739","::1:x"]'])
+def read_with_vlog(remote):
+    """Sync a reader in a child process with ovs.vlog initialised
+    (Vlog.init() is process-wide); returns (desired keys and
+    config_warnings as printed, distinct WARN messages of module
+    config)."""
     script = textwrap.dedent(f"""
         import time, ovs.poller, ovs.vlog
         from ovs_ipfix_py.config import ConfigReader
-        cfg = ConfigReader({ovsdb.remote!r})
+        cfg = ConfigReader({remote!r})
         ovs.vlog.Vlog.init()
         ovs.vlog.Vlog.set_levels_from_string("syslog:off")
         deadline = time.monotonic() + 5
@@ -359,17 +352,31 @@ def test_invalid_target_reaches_the_log(ovsdb):
                 break
             p = ovs.poller.Poller(); cfg.wait(p); p.timer_wait(100)
             p.block()
-        print(sorted(cfg.desired()))
+        print(sorted(cfg.desired()), cfg.stats["config_warnings"])
         cfg.close()
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
                             capture_output=True, text=True, timeout=20)
     assert result.returncode == 0, result.stderr
-    assert "[('bridge', 'br0')]" in result.stdout
     warned = {m.group(1) for m in re.finditer(
         r"\|\s*config\s*\|\s*WARN\s*\|\s*(.*)", result.stderr)}
-    assert len(warned) == 1, result.stderr
-    assert warned.pop().startswith("bridge br0: IPFIX target '::1:x' is not")
+    return result.stdout.strip(), sorted(warned)
+
+
+def test_invalid_target_reaches_the_log(ovsdb):
+    create_ipfix(ovsdb, ipfix_args=['targets=["127.0.0.1:4739","::1:x"]'])
+    out, warned = read_with_vlog(ovsdb.remote)
+    assert out == "[('bridge', 'br0')] 1"
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("bridge br0: IPFIX target '::1:x' is not")
+
+
+def test_warnings_are_rate_limited(ovsdb):
+    bad = ",".join(f'"bad{i}:x"' for i in range(12))
+    create_ipfix(ovsdb, ipfix_args=[f"targets=[{bad}]"])
+    out, warned = read_with_vlog(ovsdb.remote)
+    assert out == "[('bridge', 'br0')] 12"     # all counted...
+    assert len(warned) == 5, warned            # ...a burst of 5 logged
 
 
 def test_ovsdb_restart_keeps_and_resyncs(ovsdb, reader_factory):
@@ -536,3 +543,21 @@ def test_restart_on_newer_database_is_followed(ovsdb, reader_factory,
     transact(ovsdb, {"op": "update", "table": "IPFIX", "where": [],
                      "row": {"stats_interval": 60}})
     assert sync(cfg)[("bridge", "br0")].export.stats_interval == 60
+
+
+def test_close_drops_the_connection(ovsdb, reader_factory):
+    def memory():
+        text = ovsdb.appctl("ovsdb-server", "memory/show")
+        return dict(kv.split(":") for kv in text.split())
+
+    cfg = reader_factory(ovsdb.remote)
+    sync(cfg, "initial sync")
+    assert memory().get("sessions") == "1"
+    assert memory()["monitors"] == "2"        # Open_vSwitch and _Server
+    cfg.close()
+    deadline = time.monotonic() + 5
+    while memory()["monitors"] != "0" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert memory()["monitors"] == "0" and "sessions" not in memory()
+    cfg.run()                                 # harmless after close
+    assert not cfg.connected and not cfg.changed()

@@ -12,6 +12,8 @@ Module map (each module holds one concept):
 - ``exporter``: one exporter = cache + message writer + collectors + stats.
 - ``config`` / ``reconcile``: OVSDB rows -> options -> running exporters.
 - ``upcall`` / ``channel``: the userspace sample channel and its format.
+- ``pcap``: reading pcap/pcapng captures, writing pcap.
+- ``ratelimit``: rate-limited logging.
 - ``daemon`` / ``replay``: the two programs.
 """
 

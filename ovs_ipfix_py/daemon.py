@@ -248,6 +248,10 @@ def main(argv=None) -> int:
     ovs.util.PROGRAM_NAME = PROGRAM
     args = parse_args(argv)
     ovs.vlog.handle_args(args)
+    if not args.log_file:
+        # Without a log file, Python's last-resort handler would print
+        # the "file" destination's lines on stderr a second time.
+        ovs.vlog.Vlog.set_level("any", "file", "off")
     ovs.daemon.handle_args(args)
     ovs.daemon.daemonize_start()
 

@@ -162,10 +162,10 @@ def test_fast_path_equals_general_path_on_whole_frames(
     run_both(samples, sampling, in_s, out_s, split)
 
 
-# Frames the fast path reads differently from packet.parse: an IPv4
+# Frames the fast path once read differently from packet.parse: an IPv4
 # packet whose total length (or the frame) ends inside the L4 header.
-# See the report to the lead: exporter.sample_bridge_batch must check
-# the total length and the whole L4 header before taking the fast path.
+# sample_bridge_batch must check the total length and the whole L4
+# header before taking the fast path.
 SHORT_L4 = [
     # TCP cut to 48..53 bytes (a truncated sample): ports need 20 bytes.
     tr.ethernet(tr.ipv4(tr.tcp(5, 6), proto=6), pad=False)[:50],
@@ -179,8 +179,6 @@ SHORT_L4 = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="exporter fast path reads L4 "
-                   "beyond the IP packet / a partial header (reported)")
 @pytest.mark.parametrize("frame", SHORT_L4, ids=[
     "tcp-frame-cut-at-50", "tcp-10-bytes-in-packet", "udp-4-bytes-in-packet",
     "icmp-4-bytes-in-packet"])
@@ -189,8 +187,6 @@ def test_fast_path_on_partial_l4_headers(frame):
     run_both([(frame, 0, 1, None)], 1, True, True, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="exporter fast path reads L4 "
-                   "beyond the IP packet / a partial header (reported)")
 @example([(SHORT_L4[0], 0, 1, None)], 1, True, True, 0)
 @settings(max_examples=400, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])

@@ -93,8 +93,9 @@ IPFIX_INT_COLUMNS = {
     "stats_interval": (1, 3600, DEFAULT_STATS_INTERVAL),
 }
 
-#: Columns we need, per table (None: the whole table).  Optional ones are
-#: registered only when the server's schema has them.
+#: Columns we need, per table (IPFIX is registered whole, so that columns
+#: of newer schemas come along).  Optional ones are registered only when
+#: the server's schema has them.
 _REQUIRED_COLUMNS = {
     "Bridge": ["name", "ipfix"],
     "IPFIX": ["targets", "other_config"],
@@ -112,7 +113,7 @@ _LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
 def _parse_port(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"port {text!r} is not a number")
     port = int(text)
     if not 1 <= port <= 65535:

@@ -12,6 +12,7 @@ as a transmit error and never stops the other collectors.
 from __future__ import annotations
 
 import errno
+import re
 import socket
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -21,6 +22,11 @@ from ovs_ipfix_py.options import DEFAULT_COLLECTOR_PORT
 from ovs_ipfix_py.ratelimit import RateLimitedLog
 
 log = RateLimitedLog("collector")
+
+
+#: The largest UDP payload over IPv4 (65535 - 20 - 8): no IPFIX message
+#: may be larger, whatever max-message-size says.
+MAX_UDP_PAYLOAD = 65507
 
 
 class TargetError(ValueError):
@@ -33,59 +39,77 @@ class Target(NamedTuple):
     port: int
 
 
-def parse_target(spec: str) -> Target:
-    """Split a target string into host and port (netaddr checks IPs).
+# A DNS host name (RFC 1123 section 2.1): dot-separated labels of letters,
+# digits and hyphens, not starting or ending with a hyphen.
+_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
-    Raises TargetError with a message naming the target.
-    """
-    s = spec.strip()
-    if not s:
-        raise TargetError("empty target")
-    port = DEFAULT_COLLECTOR_PORT
-    if s.startswith("["):
-        end = s.find("]")
-        if end < 0:
-            raise TargetError("target %r: missing ']'" % spec)
-        host = s[1:end]
-        rest = s[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise TargetError("target %r: junk after ']'" % spec)
-            port = _port(spec, rest[1:])
-        if not netaddr.valid_ipv6(host):
-            raise TargetError("target %r: %r is not an IPv6 address"
-                              % (spec, host))
-        return Target(spec, host, port)
-    if s.count(":") > 1:
-        # A bare IPv6 address, as OVS accepts.
-        if not netaddr.valid_ipv6(s):
-            raise TargetError("target %r: not an IPv6 address" % spec)
-        return Target(spec, s, port)
-    host, sep, p = s.partition(":")
-    if sep:
-        port = _port(spec, p)
+
+def _parse_port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise TargetError(f"port {text!r} is not a number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise TargetError(f"port {port} is out of range 1..65535")
+    return port
+
+
+def _check_host(host: str) -> None:
     if not host:
-        raise TargetError("target %r: no host" % spec)
-    if not (netaddr.valid_ipv4(host, netaddr.INET_PTON)
-            or _valid_hostname(host)):
-        raise TargetError("target %r: %r is neither an IP address nor a"
-                          " host name" % (spec, host))
+        raise TargetError("host is empty")
+    if netaddr.valid_ipv4(host) or netaddr.valid_ipv6(host):
+        return
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL_RE.match(x) for x in labels):
+        raise TargetError(f"{host!r} is neither an IP address nor a host "
+                         "name")
+    if labels[-1].isdigit():
+        # "10.0.0.300" or "127.1": meant as an address, not a name.
+        raise TargetError(f"{host!r} is not a valid IPv4 address")
+
+
+def split_target(target: str) -> Tuple[str, int]:
+    """Split an IPFIX target into (host, port), the way OVS reads them.
+
+    Accepted forms: "IPv4:PORT", "[IPv6]:PORT", "HOST:PORT", and a bare
+    "IPv4", "[IPv6]", "IPv6" or "HOST" (port 4739, RFC 7011 section
+    10.3.4).  Addresses are checked with netaddr (strict inet_pton forms),
+    host names with RFC 1123's rules; nothing is resolved here.  Raises
+    ValueError saying what is wrong.
+    """
+    text = target.strip()
+    if not text:
+        raise TargetError("empty target")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise TargetError("missing ']'")
+        host, rest = text[1:end], text[end + 1:]
+        if not netaddr.valid_ipv6(host):
+            raise TargetError(f"{host!r} is not an IPv6 address")
+        if not rest:
+            return host, DEFAULT_COLLECTOR_PORT
+        if not rest.startswith(":"):
+            raise TargetError(f"unexpected {rest!r} after ']'")
+        return host, _parse_port(rest[1:])
+    if text.count(":") > 1:
+        # More than one colon: only a bare IPv6 address makes sense.
+        if netaddr.valid_ipv6(text):
+            return text, DEFAULT_COLLECTOR_PORT
+        raise TargetError(f"{text!r} is not an IPv6 address (write "
+                         "[IPv6]:PORT to give a port)")
+    host, sep, port = text.partition(":")
+    _check_host(host)
+    return host, (_parse_port(port) if sep else DEFAULT_COLLECTOR_PORT)
+
+
+def parse_target(spec: str) -> Target:
+    """``split_target`` as a Target; TargetError names the target."""
+    try:
+        host, port = split_target(spec)
+    except TargetError as e:
+        raise TargetError("target %r: %s" % (spec, e)) from None
     return Target(spec, host, port)
-
-
-def _port(spec, text):
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise TargetError("target %r: bad port %r" % (spec, text))
-    return int(text)
-
-
-def _valid_hostname(host):
-    if len(host) > 253 or host.replace(".", "").isdigit():
-        return False
-    labels = host.rstrip(".").split(".")
-    return all(label and len(label) <= 63 and label[0] != "-"
-               and all(c.isalnum() or c == "-" for c in label)
-               for label in labels)
 
 
 class Collector:

@@ -46,17 +46,15 @@ kept in the values: the collector layer skips them.
 from __future__ import annotations
 
 import collections
-import re
 from typing import Dict, List, Optional, Tuple, Union
 
-import netaddr
 import ovs.db.error
 import ovs.db.idl
 import ovs.json
 import ovs.jsonrpc
 
+from ovs_ipfix_py.collector import split_target as parse_target
 from ovs_ipfix_py.options import (
-    DEFAULT_COLLECTOR_PORT,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_SAMPLING,
     DEFAULT_STATS_INTERVAL,
@@ -106,70 +104,6 @@ _OPTIONAL_COLUMNS = {
 }
 
 ExporterOptions = Union[BridgeExporterOptions, FlowExporterOptions]
-
-# A DNS host name (RFC 1123 section 2.1): dot-separated labels of letters,
-# digits and hyphens, not starting or ending with a hyphen.
-_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-
-
-def _parse_port(text: str) -> int:
-    if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"port {text!r} is not a number")
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range 1..65535")
-    return port
-
-
-def _check_host(host: str) -> None:
-    if not host:
-        raise ValueError("host is empty")
-    if netaddr.valid_ipv4(host) or netaddr.valid_ipv6(host):
-        return
-    name = host[:-1] if host.endswith(".") else host
-    labels = name.split(".")
-    if len(name) > 253 or not all(_LABEL_RE.match(x) for x in labels):
-        raise ValueError(f"{host!r} is neither an IP address nor a host "
-                         "name")
-    if labels[-1].isdigit():
-        # "10.0.0.300" or "127.1": meant as an address, not a name.
-        raise ValueError(f"{host!r} is not a valid IPv4 address")
-
-
-def parse_target(target: str) -> Tuple[str, int]:
-    """Split an IPFIX target into (host, port), the way OVS reads them.
-
-    Accepted forms: "IPv4:PORT", "[IPv6]:PORT", "HOST:PORT", and a bare
-    "IPv4", "[IPv6]", "IPv6" or "HOST" (port 4739, RFC 7011 section
-    10.3.4).  Addresses are checked with netaddr (strict inet_pton forms),
-    host names with RFC 1123's rules; nothing is resolved here.  Raises
-    ValueError saying what is wrong.
-    """
-    text = target.strip()
-    if not text:
-        raise ValueError("empty target")
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError("missing ']'")
-        host, rest = text[1:end], text[end + 1:]
-        if not netaddr.valid_ipv6(host):
-            raise ValueError(f"{host!r} is not an IPv6 address")
-        if not rest:
-            return host, DEFAULT_COLLECTOR_PORT
-        if not rest.startswith(":"):
-            raise ValueError(f"unexpected {rest!r} after ']'")
-        return host, _parse_port(rest[1:])
-    if text.count(":") > 1:
-        # More than one colon: only a bare IPv6 address makes sense.
-        if netaddr.valid_ipv6(text):
-            return text, DEFAULT_COLLECTOR_PORT
-        raise ValueError(f"{text!r} is not an IPv6 address (write "
-                         "[IPv6]:PORT to give a port)")
-    host, sep, port = text.partition(":")
-    _check_host(host)
-    return host, (_parse_port(port) if sep else DEFAULT_COLLECTOR_PORT)
-
 
 def _split_remotes(remote: str) -> List[str]:
     """"unix:a,tcp:b:1" -> ["unix:a", "tcp:b:1"], as ovs.db.idl does."""

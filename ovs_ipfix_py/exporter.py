@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 from ovs_ipfix_py import flowcache, message, packet
 from ovs_ipfix_py import templates as t
-from ovs_ipfix_py.collector import CollectorSet
+from ovs_ipfix_py.collector import MAX_UDP_PAYLOAD, CollectorSet
 from ovs_ipfix_py.options import (
     UINT16_MAX,
     UINT32_MAX,
@@ -89,7 +89,7 @@ class Exporter:
             repr(options.key).encode()) & UINT32_MAX
         self.collectors = CollectorSet(options.export.targets)
         self.writer = message.MessageWriter(
-            options.export.max_message_size,
+            min(options.export.max_message_size, MAX_UDP_PAYLOAD),
             options.export.template_interval)
         cache_opts = options.export.cache
         self.cache = flowcache.FlowCache(cache_opts.active_timeout,
@@ -124,10 +124,12 @@ class Exporter:
         if new.targets != old.targets:
             self.collectors.close()
             self.collectors = CollectorSet(new.targets)
-            self.writer = message.MessageWriter(new.max_message_size,
-                                                new.template_interval)
+            self.writer = message.MessageWriter(
+                min(new.max_message_size, MAX_UDP_PAYLOAD),
+                new.template_interval)
         else:
-            self.writer.max_size = new.max_message_size
+            self.writer.max_size = min(new.max_message_size,
+                                       MAX_UDP_PAYLOAD)
             self.writer.template_interval = new.template_interval
             for state in self.writer.domains.values():
                 state.templates.clear()

@@ -21,6 +21,7 @@ import ovs.poller
 import ovs.vlog
 
 from ovs_ipfix_py import upcall
+from ovs_ipfix_py.ratelimit import RateLimiter
 
 vlog = ovs.vlog.Vlog("channel")
 
@@ -32,46 +33,6 @@ RCVBUF_SIZE = 8 << 20
 
 class ChannelError(OSError):
     """The channel socket cannot be set up (one-line message)."""
-
-
-class RateLimiter:
-    """A token bucket in the manner of OVS's ``VLOG_RATE_LIMIT_INIT(rate,
-    burst)``: up to ``burst`` events at once, refilled at ``rate`` per
-    minute.  ``ovs.vlog`` in Python has no rate limiting of its own.
-
-    ``allow(now)`` (now in seconds, monotonic) says whether to log;
-    refused events are counted, and :meth:`take_suppressed` returns and
-    resets that count so the next message can mention it.
-    """
-
-    def __init__(self, rate: float = 5, burst: int = 20,
-                 clock: Callable[[], float] = time.monotonic):
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._tokens = float(burst)
-        self._last: Optional[float] = None
-        self.suppressed = 0
-
-    def allow(self, now: Optional[float] = None) -> bool:
-        if now is None:
-            now = self._clock()
-        if self._last is None:
-            self._last = now
-        elif now > self._last:
-            self._tokens = min(self.burst, self._tokens
-                               + (now - self._last) * self.rate / 60.0)
-            self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        self.suppressed += 1
-        return False
-
-    def take_suppressed(self) -> int:
-        n = self.suppressed
-        self.suppressed = 0
-        return n
 
 
 def _remove_stale(path: str) -> None:

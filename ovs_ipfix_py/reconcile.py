@@ -27,9 +27,13 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple
 
+import ovs.vlog
+
 from ovs_ipfix_py.exporter import Exporter
 from ovs_ipfix_py.ratelimit import RateLimitedLog
 
+# Lifecycle lines are few and all worth keeping; errors are rate-limited.
+vlog = ovs.vlog.Vlog("reconcile")
 log = RateLimitedLog("reconcile")
 
 #: Seconds between attempts to build an exporter that failed.
@@ -63,18 +67,18 @@ class Reconciler:
             exporter = self.exporters.pop(key)
             self._close(exporter, now)
             removed.append(key)
-            log.info("removed exporter %s", exporter.name)
+            vlog.info("removed exporter %s" % exporter.name)
         for key, options in desired.items():
             exporter = self.exporters.get(key)
             try:
                 if exporter is None:
                     self.exporters[key] = self.factory(options, now)
                     created.append(key)
-                    log.info("created exporter %s", options.name)
+                    vlog.info("created exporter %s" % options.name)
                 elif exporter.options != options:
                     exporter.reconfigure(options, now)
                     changed.append(key)
-                    log.info("reconfigured exporter %s", options.name)
+                    vlog.info("reconfigured exporter %s" % options.name)
                 else:
                     continue
                 self.failed.pop(key, None)

@@ -131,7 +131,15 @@ class Collector:
             raise TargetError("target %r does not resolve" % spec)
         family, _, proto, _, address = infos[0]
         self.address = address
-        self.sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+        try:
+            self.sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                           errno.ENOMEM):
+                raise   # a shortage: the reconciler retries the exporter
+            # E.g. no IPv6 on this host: only this target is affected.
+            raise TargetError("target %r: cannot open a socket: %s"
+                              % (spec, e)) from None
         self.sock.setblocking(False)
         try:
             self.sock.connect(address)

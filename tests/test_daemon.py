@@ -63,15 +63,32 @@ def console_script(name):
 class ExporterProcess:
     """ovs-ipfix-exporter run by its console script, as a child of the
     test (not --detach, so it is reaped), with every path in ``workdir``.
+
+    By default every path is given on the command line (``--db
+    --channel --unixctl --pidfile=PATH --log-file=PATH``).  With
+    ``rundir_env`` (an environment whose OVS_RUNDIR and OVS_LOGDIR are
+    ``workdir``) it runs as ``ovs-ipfix-exporter --pidfile --log-file``
+    and relies on the defaults; ``ovs-appctl -t ovs-ipfix-exporter``
+    then finds it through its pid file.
     """
 
-    def __init__(self, workdir, db):
+    def __init__(self, workdir, db, rundir_env=None):
         self.workdir = workdir
         self.db = db
-        self.channel = os.path.join(workdir, "ch.sock")
-        self.ctl = os.path.join(workdir, "exp.ctl")
-        self.pidfile = os.path.join(workdir, "exp.pid")
-        self.logfile = os.path.join(workdir, "exp.log")
+        self.env = rundir_env
+        if rundir_env is None:
+            self.channel = os.path.join(workdir, "ch.sock")
+            self.ctl = os.path.join(workdir, "exp.ctl")
+            self.pidfile = os.path.join(workdir, "exp.pid")
+            self.logfile = os.path.join(workdir, "exp.log")
+            self.target = self.ctl
+        else:
+            base = os.path.join(workdir, "ovs-ipfix-exporter")
+            self.channel = base + ".sock"
+            self.ctl = None  # <base>.<pid>.ctl, known once started
+            self.pidfile = base + ".pid"
+            self.logfile = base + ".log"
+            self.target = "ovs-ipfix-exporter"
         self.stderr = os.path.join(workdir, "exp.stderr")
         self.proc = None
         self._sock = None
@@ -81,14 +98,22 @@ class ExporterProcess:
         return self.proc.pid
 
     def start(self):
-        argv = [console_script("ovs-ipfix-exporter"), "--db=" + self.db,
-                "--channel=" + self.channel, "--unixctl=" + self.ctl,
-                "--pidfile=" + self.pidfile, "--log-file=" + self.logfile,
-                "-vconsole:off"]
+        argv = [console_script("ovs-ipfix-exporter")]
+        if self.env is None:
+            argv += ["--db=" + self.db, "--channel=" + self.channel,
+                     "--unixctl=" + self.ctl, "--pidfile=" + self.pidfile,
+                     "--log-file=" + self.logfile]
+        else:
+            argv += ["--pidfile", "--log-file"]
+        argv.append("-vconsole:off")
         with open(self.stderr, "ab") as err:
             self.proc = subprocess.Popen(argv, cwd=self.workdir,
+                                         env=self.env,
                                          stdin=subprocess.DEVNULL,
                                          stdout=err, stderr=err)
+        if self.ctl is None:
+            self.ctl = os.path.join(
+                self.workdir, f"ovs-ipfix-exporter.{self.pid}.ctl")
 
         def ready():
             return self.proc.poll() is not None or all(
@@ -118,11 +143,13 @@ class ExporterProcess:
         return self.proc.poll() is None and pid_alive(self.pid)
 
     def appctl(self, *args, check=True):
-        """``ovs-appctl -t <ctl> ARGS``; returns its stdout."""
-        result = subprocess.run(["ovs-appctl", "-t", self.ctl,
+        """``ovs-appctl -t <target> ARGS`` (the control socket's path,
+        or the program's name with ``rundir_env``); returns its stdout.
+        """
+        result = subprocess.run(["ovs-appctl", "-t", self.target,
                                  "--timeout=10", *args],
                                 capture_output=True, text=True, timeout=20,
-                                stdin=subprocess.DEVNULL)
+                                env=self.env, stdin=subprocess.DEVNULL)
         if check:
             assert result.returncode == 0, (args, result.stderr,
                                             self.tail())
@@ -180,11 +207,12 @@ class ExporterProcess:
             self.proc.wait(10)
 
 
-def run_replay(*args, timeout=60):
-    """Run ovs-ipfix-replay ARGS to completion."""
+def run_replay(*args, timeout=60, env=None):
+    """Run ovs-ipfix-replay ARGS to completion (in environment ``env``,
+    default ours)."""
     return subprocess.run([console_script("ovs-ipfix-replay"), *args],
                           capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          env=env, stdin=subprocess.DEVNULL)
 
 
 REPLAY_SUMMARY = re.compile(r"^ovs-ipfix-replay: (\d+) packets read, "
@@ -219,8 +247,14 @@ class Env:
         self.collectors.append(c)
         return c
 
-    def exporter(self):
-        e = ExporterProcess(self.dir, self.ovsdb.remote)
+    def exporter(self, rundir_defaults=False):
+        """A started ExporterProcess on this ovsdb-server; with
+        ``rundir_defaults``, in the server's directory (its OVS_RUNDIR)
+        with default paths."""
+        if rundir_defaults:
+            e = ExporterProcess(self.ovsdb.workdir, None, self.ovsdb.env)
+        else:
+            e = ExporterProcess(self.dir, self.ovsdb.remote)
         self.exporters.append(e)
         return e.start()
 

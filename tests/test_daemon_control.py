@@ -22,6 +22,7 @@ from test_daemon import (
     flow_ipfix,
     flush_and_collect,
     replay_ok,
+    run_replay,
     sample,
     subset,
 )
@@ -96,6 +97,35 @@ def test_channel_socket_mode(env):
     exporter.appctl("exit")
     assert exporter.proc.wait(10) == 0
     assert not os.path.exists(exporter.channel)
+
+
+def test_default_paths_under_ovs_rundir(env):
+    """As README deploys it: ``ovs-ipfix-exporter --pidfile --log-file``
+    with OVS_RUNDIR set uses $OVS_RUNDIR/db.sock and binds
+    $OVS_RUNDIR/ovs-ipfix-exporter.sock; ``ovs-appctl -t
+    ovs-ipfix-exporter`` reaches it by name; ``ovs-ipfix-replay``
+    without --channel finds it; ``exit`` flushes and removes it all."""
+    collector = env.collector()
+    bridge_ipfix(env.ovsdb, "br0", collector, sampling=1)
+    exporter = env.exporter(rundir_defaults=True)
+    exporter.wait_show(lambda s: ("br0", None) in s.exporters,
+                       "the br0 exporter")
+    frames, _ = traffic_mix(seed=81, flows_per_kind=1)
+    result = run_replay("--bridge=br0", env.pcap("mix.pcap", frames),
+                        env=env.ovsdb.env)
+    assert result.returncode == 0, result.stderr
+    exporter.wait_upcalls(len(frames))
+    assert os.path.exists(exporter.logfile)
+
+    exporter.appctl("exit")
+    assert exporter.proc.wait(10) == 0, exporter.tail()
+    assert collector.wait_quiet(0)
+    session = parse_collector(collector)
+    assert session.problems == []
+    assert_flows_exact(session.normalized(), truth_of(frames),
+                       REASON_FORCED_END)
+    for path_ in (exporter.channel, exporter.pidfile, exporter.ctl):
+        assert not os.path.exists(path_), path_
 
 
 # ---------------------------------------------------------------------

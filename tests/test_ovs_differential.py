@@ -175,18 +175,28 @@ class ExporterDaemon:
         wait_until(reached, timeout, f"{head} {name}={value} (have {got})")
         return got
 
-    def replay(self, frames, *options):
-        """Send ``frames`` over the channel with ``ovs-ipfix-replay
-        OPTIONS`` (a pcap written in the work directory)."""
+    def write_frames(self, frames):
+        """``frames`` as a pcap in the work directory; returns its path."""
         self._pcaps += 1
         path = os.path.join(self.server.workdir, f"replay{self._pcaps}.pcap")
         write_pcap(path, [(1.0 + i / 1000.0, f)
                           for i, f in enumerate(frames)])
-        result = subprocess.run(
+        return path
+
+    def start_replay(self, path, *options):
+        """``ovs-ipfix-replay OPTIONS PATH`` in the background: the Popen
+        (stderr piped); the caller waits for it."""
+        return subprocess.Popen(
             ["ovs-ipfix-replay", "--channel=" + self.channel, *options,
-             path], capture_output=True, text=True,
-            stdin=subprocess.DEVNULL, timeout=60)
-        assert result.returncode == 0, result.stderr
+             path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+
+    def replay(self, frames, *options):
+        """Send ``frames`` over the channel with ``ovs-ipfix-replay
+        OPTIONS`` and wait for it."""
+        proc = self.start_replay(self.write_frames(frames), *options)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
 
     def udp_ports(self):
         return udp_ports_of(self.pid)

@@ -150,11 +150,14 @@ class Exporter:
     # -- samples ----------------------------------------------------------
 
     def sample_bridge(self, frame: bytes, orig_len: int, input_port: int,
-                      output_port: Optional[int], now: float) -> None:
+                      output_port: Optional[int], now: float,
+                      probability: Optional[int] = None) -> None:
         """One bridge sample; counts UINT32_MAX // probability packets.
 
-        ``output_port`` None means an ingress sample.  BFD packets (UDP
-        to port 3784/3785) are skipped, as OVS skips them.
+        ``probability``: the sample's own (32-bit, as the channel carries
+        it); None takes the configured sampling rate's.  ``output_port``
+        None means an ingress sample.  BFD packets (UDP to port
+        3784/3785) are skipped, as OVS skips them.
         """
         o = self.options
         if output_port is None:
@@ -168,7 +171,11 @@ class Exporter:
                 self.stats.dropped_samples += 1
                 return
             direction = t.EGRESS
-        self._sample(frame, orig_len, self._count, o.obs_domain_id,
+        if probability:
+            count = UINT32_MAX // probability
+        else:
+            count = self._count
+        self._sample(frame, orig_len, count, o.obs_domain_id,
                      o.obs_point_id, direction, input_port, output_port,
                      now, True)
 
@@ -200,22 +207,30 @@ class Exporter:
         """Many bridge samples at once: the hot path.
 
         ``samples``: objects with ``frame``, ``orig_len``,
-        ``input_port`` and ``output_port`` (upcall.BridgeSample).  Plain
-        IPv4 frames (no VLAN, no IP options, not a later fragment)
+        ``input_port``, ``output_port`` and ``probability``
+        (upcall.BridgeSample); each counts UINT32_MAX // its own
+        probability packets (the datapath may have sampled it at a rate
+        the IPFIX row no longer says).
+
+        Plain IPv4 frames (no VLAN, no IP options, not a later fragment)
         carrying TCP, UDP, SCTP or ICMP take a fast path that builds the
         key from slices of the frame; ``tests/test_exporter.py`` checks
         that it gives exactly what ``packet.parse`` gives.  Everything
         else goes through ``packet.parse``.
         """
         o = self.options
-        count = self._count
         domain = o.obs_domain_id
         point = o.obs_point_id
         heads = self._heads
         add = self.cache.add
         tos_fields = packet.TOS_FIELDS
         n_v4 = flows = 0
+        counts = {}
         for s in samples:
+            p = s.probability
+            count = counts.get(p)
+            if count is None:
+                count = counts[p] = UINT32_MAX // p if p else self._count
             f = s.frame
             out_port = s.output_port
             in_port = s.input_port
@@ -245,9 +260,10 @@ class Exporter:
                         flows += 1
                     continue
             if out_port is None:
-                self.sample_bridge(f, s.orig_len, in_port, None, now)
+                self.sample_bridge(f, s.orig_len, in_port, None, now, p)
             else:
-                self.sample_bridge(f, s.orig_len, in_port, out_port, now)
+                self.sample_bridge(f, s.orig_len, in_port, out_port, now,
+                                   p)
         st = self.stats
         st.pkts += n_v4
         st.ipv4_ok += n_v4

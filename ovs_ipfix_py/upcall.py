@@ -519,7 +519,8 @@ def _decode(d: bytes, problems: Optional[list]) -> Tuple[list, int]:
             f"header length {length} is shorter than the header"))
     errors = 0
     end = length
-    if length > size:
+    short = length > size
+    if short:
         end = size  # truncated: the missing upcalls are counted below
     elif length < size:
         errors += 1
@@ -597,6 +598,14 @@ def _decode(d: bytes, problems: Optional[list]) -> Tuple[list, int]:
         if problems is not None:
             problems.append(MalformedUpcall(
                 f"{index} upcalls, header says {count}", None, 0))
+    elif short:
+        # Every announced upcall is here, yet the header claims more
+        # bytes: the header contradicts the datagram.
+        errors += 1
+        if problems is not None:
+            problems.append(MalformedUpcall(
+                f"datagram of {size} bytes, header says {length}", None,
+                size))
     return upcalls, errors
 
 

@@ -68,7 +68,8 @@ def run_mix(tmp_path, family=socket.AF_INET, max_size=1400, cache=CACHED,
                 times[fid] = (times.get(fid, (now,))[0], now)
                 if batch:
                     exp.sample_bridge_batch(
-                        [BridgeSample("br0", 1, None, 1, f, len(f))], now)
+                        [BridgeSample("br0", 1, None, 0xFFFFFFFF, f,
+                                      len(f))], now)
                 else:
                     exp.sample_bridge(f, len(f), 1, None, now)
                 exp.run(now)

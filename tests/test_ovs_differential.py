@@ -36,7 +36,7 @@ import pytest
 from support import pcapfile, wait_until
 from support.collector import UdpCollector
 from support.decoders import Session, tshark_decode
-from traffic import flow_id_of, traffic_mix, truth_of
+from traffic import build_frame, flow_id_of, is_bfd, traffic_mix, truth_of
 
 from ovs_ipfix_py.pcap import write_pcap
 
@@ -483,14 +483,17 @@ def _explain(r, candidates):
     return None
 
 
-def expected_counters(frames, directions):
+def expected_counters(frames, directions, skip_bfd):
     """(plugin's, OVS 3.1's) ipv4/ipv6 ok/errs counters for ``frames``
     sampled ``directions`` times each, from the traffic truth: OVS counts
-    QinQ frames as non-IP and IPv6 later fragments as IPv6 errors."""
+    QinQ frames as non-IP and IPv6 later fragments as IPv6 errors.
+    ``skip_bfd``: bridge sampling, which leaves BFD out."""
     ours = dict.fromkeys(("ipv4 ok", "ipv6 ok", "ipv4 errs", "ipv6 errs"),
                          0)
     ovs = dict(ours)
     for frame in frames:
+        if skip_bfd and is_bfd(frame):
+            continue
         (t,) = truth_of([frame]).values()
         if t.kind == "other":
             continue
@@ -589,6 +592,30 @@ def assert_design_differences(outcome):
 # The tests.
 
 OBS_DOMAIN, OBS_POINT = 123, 456
+#: BFD control and echo (UDP to 3784/3785), plain, IPv6 and tagged:
+#: bridge sampling skips them (OVS and plugin), flow sampling does not.
+BFD_FRAMES = [build_frame(proto=17, dport=3784, src_mac="02:00:00:00:0b:01"),
+              build_frame(proto=17, dport=3785, ip_version=6,
+                          src_mac="02:00:00:00:0b:02"),
+              build_frame(proto=17, dport=3784, vlan=5,
+                          src_mac="02:00:00:00:0b:03")]
+
+
+def mix(seed):
+    """The traffic mix with the BFD frames spread through it."""
+    frames, _ = traffic_mix(seed=seed, flows_per_kind=2)
+    for i, frame in enumerate(BFD_FRAMES):
+        frames.insert(len(frames) * (i + 1) // 4, frame)
+    return frames
+
+
+def samples(frames, skip_bfd):
+    return sum(1 for f in frames if not (skip_bfd and is_bfd(f)))
+
+
+def bfd_flows(stream):
+    return sum(1 for r in stream.tshark.records
+               if r.get("proto") == 17 and r.get("dst_port") in (3784, 3785))
 
 
 def test_bridge_sampling_gives_the_flows_ovs_gives(pair):
@@ -597,7 +624,7 @@ def test_bridge_sampling_gives_the_flows_ovs_gives(pair):
     extension headers, truncated frames) has the same key and counts in
     both exporters after the forced-end flush, except the two keyings
     that differ by design."""
-    frames, _ = traffic_mix(seed=11, flows_per_kind=2)
+    frames = mix(seed=11)
     pair.switch.ofctl("add-flow", "br0", "in_port=1,actions=output:2")
     pair.server.vsctl(
         "--", "--id=@i", "create", "IPFIX",
@@ -605,9 +632,10 @@ def test_bridge_sampling_gives_the_flows_ovs_gives(pair):
         f"obs_domain_id={OBS_DOMAIN}", f"obs_point_id={OBS_POINT}",
         "cache_active_timeout=60", "cache_max_flows=10000",
         "--", "set", "Bridge", "br0", "ipfix=@i", wait=True)
-    n = len(frames)
+    n = samples(frames, skip_bfd=True)
     pair.switch.inject(frames, done=lambda k: pair.switch.counters().get(
-        "bridge ipfix", {}).get("sampled pkts", -1) >= 2 * k)
+        "bridge ipfix", {}).get("sampled pkts", -1)
+        >= 2 * samples(frames[:k], skip_bfd=True))
     pair.plugin.replay(frames, "--bridge=br0", "--input-port=1")
     pair.plugin.replay(frames, "--bridge=br0", "--input-port=1",
                        "--output-port=2")
@@ -617,15 +645,16 @@ def test_bridge_sampling_gives_the_flows_ovs_gives(pair):
     # Counters, as dump-ipfix-bridge prints them.
     for name in ("flows", "current flows", "sampled pkts"):
         assert ours[name] == ovs[name], name
-    want_ours, want_ovs = expected_counters(frames, 2)
+    want_ours, want_ovs = expected_counters(frames, 2, skip_bfd=True)
     assert {k: ours[k] for k in want_ours} == want_ours
     assert {k: ovs[k] for k in want_ovs} == want_ovs
 
     outcome = flush_and_collect(pair, ("clear", "Bridge", "br0", "ipfix"),
                                 ovs["current flows"], ours["current flows"])
-    assert_same_flows(outcome, frames, 2)
+    assert_same_flows(outcome, [f for f in frames if not is_bfd(f)], 2)
     assert_design_differences(outcome)
     for stream in (outcome.ovs, outcome.ours):
+        assert bfd_flows(stream) == 0
         assert {r["obs_domain_id"] for r in stream.tshark.records} \
             == {OBS_DOMAIN}
         assert {r["obs_point_id"] for r in stream.tshark.records} \
@@ -640,7 +669,7 @@ def test_flow_sampling_gives_the_flows_ovs_gives(pair):
     collector set 1 with the same ids through the channel for the plugin:
     the same flows, ids and counts, ingress as OVS reports a sample taken
     before the output."""
-    frames, _ = traffic_mix(seed=12, flows_per_kind=2)
+    frames = mix(seed=12)
     pair.switch.ofctl(
         "add-flow", "br0", "in_port=1,actions=sample(probability=65535,"
         "collector_set_id=1,obs_domain_id=7,obs_point_id=9),output:2")
@@ -661,7 +690,7 @@ def test_flow_sampling_gives_the_flows_ovs_gives(pair):
     ovs = pair.switch.counters("flow")["id   1"]
     for name in ("flows", "current flows", "sampled pkts"):
         assert ours[name] == ovs[name], name
-    want_ours, want_ovs = expected_counters(frames, 1)
+    want_ours, want_ovs = expected_counters(frames, 1, skip_bfd=False)
     assert {k: ours[k] for k in want_ours} == want_ours
     assert {k: ovs[k] for k in want_ovs} == want_ovs
 
@@ -671,6 +700,7 @@ def test_flow_sampling_gives_the_flows_ovs_gives(pair):
     assert_same_flows(outcome, frames, 1)
     for stream in (outcome.ovs, outcome.ours):
         records = stream.tshark.records
+        assert bfd_flows(stream) == len(BFD_FRAMES)
         assert {r["obs_domain_id"] for r in records} == {7}
         assert {r["obs_point_id"] for r in records} == {9}
         assert {r["flow_direction"] for r in records} == {0}

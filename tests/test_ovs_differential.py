@@ -366,6 +366,7 @@ COUNT_FIELDS = ("packets", "l2_octets", "octets", "sumsq", "min_len",
 TOTAL_COUNT_IES = {85, 86, 133, 134, 135, 353, 354, 355, 356, 357, 358}
 #: The interface name/description elements OVS adds.
 INTERFACE_NAME_IES = {82, 83}
+TCP_CONTROL_BITS = 6
 
 
 class Stream:
@@ -578,6 +579,9 @@ def assert_design_differences(outcome):
     assert TOTAL_COUNT_IES & ovs.template_ies()
     assert INTERFACE_NAME_IES <= ovs.template_ies()
     assert not (TOTAL_COUNT_IES | INTERFACE_NAME_IES) & ours.template_ies()
+    # TCP flags: only our records carry them (tcpControlBits).
+    assert TCP_CONTROL_BITS in ours.template_ies()
+    assert TCP_CONTROL_BITS not in ovs.template_ies()
     # Interface ids: OVS sends the ifindex (0: dummy ports have none),
     # we send the OpenFlow port numbers the channel carries.
     assert {r.get("ingress_if") for r in ovs.parser_records} == {0}

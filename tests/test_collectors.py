@@ -89,9 +89,10 @@ def tshark_flow_id(r):
 def test_live_collectors_read_the_export(ovsdb, family, tmp_path):
     fam = FAMILIES[family]
     frames, truth = traffic_mix(seed=21, flows_per_kind=2)
-    plugin = ExporterDaemon(ovsdb).start()
+    plugin = ExporterDaemon(ovsdb)
     sink = UdpCollector(fam)
     try:
+        plugin.start()
         with nfdump_records(fam) as nf, nfacctd_records(fam) as nfa:
             targets = ",".join(f'"{c.target}"' for c in (sink, nf, nfa))
             ovsdb.vsctl(

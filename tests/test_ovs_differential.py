@@ -139,7 +139,11 @@ class ExporterDaemon:
                     and "ovsdb: connected" in self.appctl("ipfix/show",
                                                           check=False))
 
-        wait_until(ready, 10.0, "ovs-ipfix-exporter to start")
+        try:
+            wait_until(ready, 10.0, "ovs-ipfix-exporter to start")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def log_text(self):
@@ -204,7 +208,8 @@ class ExporterDaemon:
     def stop(self):
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.appctl("exit", check=False)
+        if os.path.exists(self.ctl):
+            self.appctl("exit", check=False)
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -300,14 +305,13 @@ class Pair:
 def pair(ovsdb_factory):
     server = ovsdb_factory()
     collector = UdpCollector()
-    plugin = None
+    plugin = ExporterDaemon(server)
     try:
         switch = Switch(server)
-        plugin = ExporterDaemon(server).start()
+        plugin.start()
         yield Pair(server, switch, plugin, collector)
     finally:
-        if plugin is not None:
-            plugin.stop()
+        plugin.stop()
         collector.close()
         # ovsdb_factory stops ovs-vswitchd and ovsdb-server by pid.
 

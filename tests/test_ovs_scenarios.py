@@ -52,11 +52,15 @@ class SideBySide:
         self.server = server
         self.collector = collector
         self.switch = Switch(server)
-        self.plugin = ExporterDaemon(server).start()
         self.rx_pcap = os.path.join(server.workdir, "p1-rx.pcap")
         server.vsctl("set", "Interface", "p1",
                      f"options:rxq_pcap={self.rx_pcap}", wait=True)
         self.replayed = 0
+        self.plugin = ExporterDaemon(server)
+
+    def start(self):
+        self.plugin.start()
+        return self
 
     def vsctl(self, *args):
         """ovs-vsctl, returning once ovs-vswitchd applied the change."""
@@ -107,7 +111,7 @@ def bed(ovsdb):
     testbed = None
     try:
         testbed = SideBySide(ovsdb, collector)
-        yield testbed
+        yield testbed.start()
     finally:
         if testbed is not None:
             testbed.plugin.stop()

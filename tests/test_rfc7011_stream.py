@@ -251,7 +251,8 @@ def test_stream_keeps_rfc7011(newer_server, tmp_path):
         transact(server, {"op": "update", "table": "IPFIX", "where": [],
                           "row": {"template_interval": 1,
                                   "stats_interval": 1}})
-        plugin = ExporterDaemon(server).start()
+        plugin = ExporterDaemon(server)
+        plugin.start()
         plugin.wait_counter("bridge br0 id 1", "flows", 0)
         path = plugin.write_frames(frames)
         start = time.time()
@@ -349,8 +350,9 @@ def test_header_and_sets_are_well_formed(newer_server):
     message exactly, set ids 2, 3 or >= 256."""
     server = newer_server
     c = UdpCollector()
-    plugin = ExporterDaemon(server).start()
+    plugin = ExporterDaemon(server)
     try:
+        plugin.start()
         server.vsctl(
             "add-br", "br0", "--", "--id=@i", "create", "IPFIX",
             f'targets="{c.target}"', "sampling=1",

@@ -26,6 +26,7 @@ The helpers at the top (``ExporterDaemon``, ``Switch``,
 end-to-end test modules.
 """
 
+import collections
 import os
 import re
 import signal
@@ -761,3 +762,52 @@ def test_ovs_31_inverts_the_sampling_switches(pair, switch_name):
     # OVS 3.1.0 (Debian bookworm) reads the switches inverted.
     assert directions["false"]["ovs"] == both
     assert directions["true"]["ovs"] == kept
+
+
+def test_full_cache_evicts_as_ovs_does(pair):
+    """``cache_max_flows=5``: each new flow beyond five pushes the
+    oldest-started one out with flowEndReason 5 (lack of resources), in
+    OVS and in the plugin alike; a flow pushed out and seen again is a new
+    flow.  Flow sampling, so both see the samples in the same order: the
+    records, evictions included, are the same multiset (their order in
+    the messages differs: ours are grouped by template)."""
+    frames = [f for f in mix(seed=14) if not is_qinq(f)
+              and not is_ipv6_later_fragment(f)]
+    pair.switch.ofctl(
+        "add-flow", "br0", "in_port=1,actions=sample(probability=65535,"
+        "collector_set_id=1,obs_domain_id=7,obs_point_id=9),output:2")
+    pair.server.vsctl(
+        "--", "--id=@br0", "get", "Bridge", "br0",
+        "--", "--id=@i", "create", "IPFIX",
+        f'targets="{pair.collector.target}"',
+        "cache_active_timeout=60", "cache_max_flows=5",
+        "--", "create", "Flow_Sample_Collector_Set", "id=1", "bridge=@br0",
+        "ipfix=@i", wait=True)
+    pair.switch.inject(frames, done=lambda k: pair.switch.counters(
+        "flow").get("id   1", {}).get("sampled pkts", -1) >= k)
+    pair.plugin.replay(frames, "--bridge=br0", "--input-port=1",
+                       "--collector-set=1", "--obs-domain-id=7",
+                       "--obs-point-id=9")
+    ours = pair.plugin.wait_counter("bridge br0 id 1", "sampled pkts",
+                                    len(frames))
+    ovs = pair.switch.counters("flow")["id   1"]
+    assert without_tx(ours) == without_tx(ovs)
+    assert ovs["current flows"] == 5 and ovs["flows"] > 100
+    outcome = flush_and_collect(
+        pair, ("--all", "destroy", "Flow_Sample_Collector_Set"),
+        ovs["flows"], ours["flows"])
+    for decoder in ("tshark", "parser"):
+        got = []
+        for stream in (outcome.ovs, outcome.ours):
+            records = (stream.tshark.records if decoder == "tshark"
+                       else stream.parser_records)
+            got.append(collections.Counter(
+                tuple(r.get(k) for k in KEY_FIELDS + COUNT_FIELDS)
+                for r in records))
+        assert got[0] == got[1], decoder
+        reasons = collections.Counter(r[-1] for r in got[1].elements())
+        assert reasons == {5: ovs["flows"] - 5, 4: 5}
+
+
+def without_tx(counters):
+    return {k: v for k, v in counters.items() if k != "tx pkts"}

@@ -811,3 +811,36 @@ def test_full_cache_evicts_as_ovs_does(pair):
 
 def without_tx(counters):
     return {k: v for k, v in counters.items() if k != "tx pkts"}
+
+
+def test_option_change_flushes_in_the_plugin_only(pair):
+    """Changing an exporter option (here cache_active_timeout): the
+    plugin exports its cache as forced end, under the old options; OVS
+    3.1 keeps its cached flows and sends nothing."""
+    frames = [build_frame(proto=6, sport=1000 + i) for i in range(3)]
+    pair.switch.ofctl("add-flow", "br0", "in_port=1,actions=output:2")
+    pair.server.vsctl(
+        "--", "--id=@i", "create", "IPFIX",
+        f'targets="{pair.collector.target}"', "sampling=1",
+        "cache_active_timeout=60", "cache_max_flows=100",
+        "--", "set", "Bridge", "br0", "ipfix=@i", wait=True)
+    pair.switch.inject(frames)
+    pair.switch.wait_sampled(6)
+    pair.plugin.replay(frames, "--bridge=br0", "--input-port=1")
+    pair.plugin.wait_counter("bridge br0", "sampled pkts", 3)
+    ovs_ports = udp_ports_of(pair.server.vswitchd_pid)
+    our_ports = pair.plugin.udp_ports()
+    pair.server.vsctl("set", "IPFIX", ".", "cache_active_timeout=120",
+                      wait=True)
+    assert pair.collector.wait_for(
+        lambda _: count_data_records(pair.collector, our_ports) >= 3, 5.0)
+    pair.collector.receive(0.5)
+    session = Session()
+    for (arrival, data), sender in zip(pair.collector.datagrams,
+                                       pair.collector.senders):
+        if sender[1] in our_ports:
+            session.parse(data, sender, arrival, datagram=True)
+    assert {r["end_reason"] for r in session.normalized()} == {4}
+    assert count_data_records(pair.collector, ovs_ports) == 0
+    assert pair.switch.counters()["bridge ipfix"]["current flows"] == 6
+    assert pair.plugin.counters()["bridge br0"]["current flows"] == 0

@@ -844,3 +844,50 @@ def test_option_change_flushes_in_the_plugin_only(pair):
     assert count_data_records(pair.collector, ovs_ports) == 0
     assert pair.switch.counters()["bridge ipfix"]["current flows"] == 6
     assert pair.plugin.counters()["bridge br0"]["current flows"] == 0
+
+
+def test_new_collector_gets_templates_first(pair):
+    """A collector added to a running exporter: the plugin sends it the
+    templates before the first data (a new session); OVS 3.1 sends it
+    data whose templates it never sent there."""
+    second = UdpCollector()
+    try:
+        pair.switch.ofctl("add-flow", "br0", "in_port=1,actions=output:2")
+        pair.server.vsctl(
+            "--", "--id=@i", "create", "IPFIX",
+            f'targets="{pair.collector.target}"', "sampling=1",
+            "--", "set", "Bridge", "br0", "ipfix=@i", wait=True)
+        first = [build_frame(proto=6, sport=1)]
+        pair.switch.inject(first)
+        pair.switch.wait_sampled(2)
+        pair.plugin.replay(first, "--bridge=br0", "--input-port=1")
+        pair.plugin.wait_counter("bridge br0", "sampled pkts", 1)
+        pair.server.vsctl("add", "IPFIX", ".", "targets",
+                          f'"{second.target}"', wait=True)
+        # The plugin rebuilt its exporter: wait until it runs again.
+        pair.plugin.wait_counter("bridge br0", "flows", 0)
+        then = [build_frame(proto=6, sport=2)]
+        pair.switch.inject(then)
+        pair.switch.wait_sampled(4)
+        pair.plugin.replay(then, "--bridge=br0", "--input-port=1")
+        ovs_ports = udp_ports_of(pair.server.vswitchd_pid)
+        our_ports = pair.plugin.udp_ports()
+        # OVS's two records (ingress, egress) cannot be decoded there:
+        # count its messages.
+        assert second.wait_for(
+            lambda _: sum(s[1] in ovs_ports for s in second.senders) >= 2
+            and count_data_records(second, our_ports) >= 1, 5.0), (
+            second.senders, ovs_ports, our_ports)
+        problems = {}
+        for name, ports in (("ovs", ovs_ports), ("ours", our_ports)):
+            session = Session()
+            for (arrival, data), sender in zip(second.datagrams,
+                                               second.senders):
+                if sender[1] in ports:
+                    session.parse(data, sender, arrival, datagram=True)
+            problems[name] = session.problems
+    finally:
+        second.close()
+    assert problems["ours"] == []
+    assert problems["ovs"] and all("before its template" in p
+                                   for p in problems["ovs"])

@@ -32,6 +32,7 @@ import re
 import signal
 import struct
 import subprocess
+import time
 
 import pytest
 from support import pcapfile, wait_until
@@ -891,3 +892,40 @@ def test_new_collector_gets_templates_first(pair):
     assert problems["ours"] == []
     assert problems["ovs"] and all("before its template" in p
                                    for p in problems["ovs"])
+
+
+def test_active_timeout_ends_flows_in_both(pair):
+    """cache_active_timeout=1: both export the flow with flowEndReason 2
+    (active timeout) and the same counts; the plugin's record leaves on
+    time (OVS's waits for an unrelated wake-up of its main loop: its
+    deadline is on the wall clock, its timer on the monotonic one)."""
+    pair.switch.ofctl("add-flow", "br0", "in_port=1,actions=output:2")
+    pair.server.vsctl(
+        "--", "--id=@i", "create", "IPFIX",
+        f'targets="{pair.collector.target}"', "sampling=1",
+        "cache_active_timeout=1", "cache_max_flows=100",
+        "--", "set", "Bridge", "br0", "ipfix=@i", wait=True)
+    frames = [build_frame(proto=17, sport=5000 + i, frame_len=100 + i)
+              for i in range(3)]
+    pair.switch.inject(frames)
+    sent = time.time()
+    pair.plugin.replay(frames, "--bridge=br0", "--input-port=1",
+                       "--output-port=2")
+    ovs_ports = udp_ports_of(pair.server.vswitchd_pid)
+    our_ports = pair.plugin.udp_ports()
+    assert pair.collector.wait_for(
+        lambda _: count_data_records(pair.collector, ovs_ports) >= 6
+        and count_data_records(pair.collector, our_ports) >= 3, 5.0)
+    outcome = Outcome(pair, ovs_ports, our_ports, tshark=False)
+    ovs = [r for r in outcome.ovs.parser_records
+           if r["flow_direction"] == 1]
+    ours = outcome.ours.parser_records
+    assert ({(r["src_port"], r["packets"], r["l2_octets"], r["end_reason"])
+             for r in ovs}
+            == {(r["src_port"], r["packets"], r["l2_octets"],
+                 r["end_reason"]) for r in ours}
+            == {(5000 + i, 1, 100 + i, 2) for i in range(3)})
+    first = min(arrival for (arrival, _), sender in zip(
+        pair.collector.datagrams, pair.collector.senders)
+        if sender[1] in our_ports)
+    assert 1.0 <= first - sent <= 1.0 + 0.6

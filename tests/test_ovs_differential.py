@@ -15,11 +15,15 @@ packetDeltaCount, layer2OctetDeltaCount, octetDeltaCount,
 octetDeltaSumOfSquares, minimum/maximumIpTotalLength, observation point
 and domain, flowDirection and flowEndReason must be identical.
 
-The differences by design (README.md, "How it differs from OVS's
-built-in exporter") are asserted too, so that the table stays true: QinQ
-frames, IPv6 later fragments, interface ids, sequence numbers, one
-record per message, exporter-wide ``*TotalCount`` fields and OVS 3.1's
-inverted enable-input/output-sampling switches.
+The same holds for BFD frames (skipped by bridge sampling only), for a
+full cache (the same evictions, as lack of resources) and for the
+active timeout (reason 2).  The differences by design (README.md, "How
+it differs from OVS's built-in exporter") are asserted too, so that the
+table stays true: QinQ frames, IPv6 later fragments, interface ids and
+names, timestamp resolution, sequence numbers, one record per message,
+exporter-wide ``*TotalCount`` fields, TCP flags, OVS 3.1's inverted
+enable-input/output-sampling switches, its cache kept on an option
+change and its data sent to a new collector before any template.
 
 The helpers at the top (``ExporterDaemon``, ``Switch``,
 ``parse_counters``, ``udp_ports_of``) are shared with the other

@@ -14,9 +14,11 @@ from __future__ import annotations
 import errno
 import re
 import socket
-from typing import List, NamedTuple, Optional, Tuple
+from types import SimpleNamespace
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import netaddr
+import tenacity
 
 from ovs_ipfix_py.options import DEFAULT_COLLECTOR_PORT
 from ovs_ipfix_py.ratelimit import RateLimitedLog
@@ -30,7 +32,17 @@ MAX_UDP_PAYLOAD = 65507
 
 
 class TargetError(ValueError):
-    """A target that does not parse or resolve."""
+    """A target that does not parse or resolve.
+
+    ``transient``: worth trying again later (name resolution, socket
+    set-up); a target that does not parse never is.
+    """
+
+    transient = False
+
+
+class TransientTargetError(TargetError):
+    transient = True
 
 
 class Target(NamedTuple):
@@ -125,10 +137,10 @@ class Collector:
             infos = socket.getaddrinfo(self.target.host, self.target.port,
                                        type=socket.SOCK_DGRAM)
         except (socket.gaierror, UnicodeError) as e:
-            raise TargetError("target %r does not resolve: %s"
-                              % (spec, e)) from None
+            raise TransientTargetError("target %r does not resolve: %s"
+                                       % (spec, e)) from None
         if not infos:
-            raise TargetError("target %r does not resolve" % spec)
+            raise TransientTargetError("target %r does not resolve" % spec)
         family, _, proto, _, address = infos[0]
         self.address = address
         try:
@@ -138,15 +150,15 @@ class Collector:
                            errno.ENOMEM):
                 raise   # a shortage: the reconciler retries the exporter
             # E.g. no IPv6 on this host: only this target is affected.
-            raise TargetError("target %r: cannot open a socket: %s"
-                              % (spec, e)) from None
+            raise TransientTargetError("target %r: cannot open a socket: %s"
+                                       % (spec, e)) from None
         self.sock.setblocking(False)
         try:
             self.sock.connect(address)
         except OSError as e:
             self.sock.close()
-            raise TargetError("target %r: cannot connect: %s"
-                              % (spec, e)) from None
+            raise TransientTargetError("target %r: cannot connect: %s"
+                                       % (spec, e)) from None
         self.tx_packets = 0
         self.tx_errors = 0
 
@@ -171,18 +183,58 @@ class Collector:
 
 
 class CollectorSet:
-    """The collectors of one exporter; bad targets logged and skipped."""
+    """The collectors of one exporter; bad targets logged and skipped.
 
-    def __init__(self, targets: Tuple[str, ...]):
+    A target that failed for a transient reason (it did not resolve, its
+    socket could not be opened) is tried again by ``retry(now)``, backing
+    off exponentially from 1 s to 60 s (tenacity's wait_exponential), so
+    a collector whose name resolves later is picked up without a
+    configuration change.  ``next_retry()`` gives the time (s) of the
+    next attempt for a poll loop's timer.
+    """
+
+    BACKOFF = tenacity.wait_exponential(multiplier=1, min=1, max=60)
+
+    def __init__(self, targets: Tuple[str, ...], now: float = 0.0):
         self.targets = tuple(targets)
         self.collectors: List[Collector] = []
         self.bad_targets: List[Tuple[str, str]] = []
+        self._pending: Dict[str, List] = {}   # spec -> [attempts, when]
         for spec in self.targets:
-            try:
-                self.collectors.append(Collector(spec))
-            except TargetError as e:
-                self.bad_targets.append((spec, str(e)))
+            self._open(spec, now)
+
+    def _open(self, spec: str, now: float) -> bool:
+        try:
+            collector = Collector(spec)
+        except TargetError as e:
+            self.bad_targets = [b for b in self.bad_targets if b[0] != spec]
+            self.bad_targets.append((spec, str(e)))
+            if e.transient:
+                attempts = self._pending.get(spec, [0])[0] + 1
+                delay = self.BACKOFF(SimpleNamespace(attempt_number=attempts))
+                self._pending[spec] = [attempts, now + delay]
+                log.warn("%s; skipped, next try in %ds", e, delay)
+            else:
                 log.warn("%s; skipped", e)
+            return False
+        self._pending.pop(spec, None)
+        self.bad_targets = [b for b in self.bad_targets if b[0] != spec]
+        self.collectors.append(collector)
+        return True
+
+    def retry(self, now: float) -> bool:
+        """Try the due transient failures again; True if one now works
+        (its session needs templates before any data)."""
+        added = False
+        for spec, (_, when) in list(self._pending.items()):
+            if now >= when and self._open(spec, now):
+                log.info("target %s now reachable", spec)
+                added = True
+        return added
+
+    def next_retry(self) -> Optional[float]:
+        """When ``retry`` next has work (s), or None."""
+        return min((w for _, w in self._pending.values()), default=None)
 
     def __len__(self) -> int:
         return len(self.collectors)

@@ -87,7 +87,7 @@ class Exporter:
             raise TypeError("not exporter options: %r" % (options,))
         self.exporting_process_id = zlib.crc32(
             repr(options.key).encode()) & UINT32_MAX
-        self.collectors = CollectorSet(options.export.targets)
+        self.collectors = CollectorSet(options.export.targets, now)
         self.writer = message.MessageWriter(
             min(options.export.max_message_size, MAX_UDP_PAYLOAD),
             options.export.template_interval)
@@ -123,7 +123,7 @@ class Exporter:
         self.options = options
         if new.targets != old.targets:
             self.collectors.close()
-            self.collectors = CollectorSet(new.targets)
+            self.collectors = CollectorSet(new.targets, now)
             self.writer = message.MessageWriter(
                 min(new.max_message_size, MAX_UDP_PAYLOAD),
                 new.template_interval)
@@ -131,10 +131,7 @@ class Exporter:
             self.writer.max_size = min(new.max_message_size,
                                        MAX_UDP_PAYLOAD)
             self.writer.template_interval = new.template_interval
-            for state in self.writer.domains.values():
-                state.templates.clear()
-                state.options_templates.clear()
-                state.last_refresh = None
+            self.writer.forget_templates()
         self.cache.active_timeout = new.cache.active_timeout
         self.cache.max_flows = new.cache.max_flows
         if new.stats_interval != old.stats_interval:
@@ -333,6 +330,10 @@ class Exporter:
 
     def run(self, now: float) -> None:
         """Expire what is due, send it; template refresh; statistics."""
+        if self.collectors.retry(now):
+            # A collector joined: every template goes out again, before
+            # the next data, so it never sees data it cannot decode.
+            self.writer.forget_templates()
         self.cache.expire(now)
         self._export_expired(now)
         for domain in self.writer.refresh_due(now):
@@ -346,7 +347,8 @@ class Exporter:
     def next_deadline(self) -> Optional[float]:
         """When ``run`` next has timed work (s, same clock as ``now``)."""
         times = [x for x in (self.cache.next_deadline(),
-                             self.writer.next_refresh(), self.next_stats)
+                             self.writer.next_refresh(), self.next_stats,
+                             self.collectors.next_retry())
                  if x is not None]
         if self.cache.expired:
             return float("-inf")

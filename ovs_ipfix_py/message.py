@@ -86,6 +86,15 @@ class MessageWriter:
             state = self.domains[domain_id] = DomainState()
         return state
 
+    def forget_templates(self) -> None:
+        """Send every template afresh before the next data in each domain
+        (new options, or a collector that joined); sequence numbers go on.
+        """
+        for state in self.domains.values():
+            state.templates.clear()
+            state.options_templates.clear()
+            state.last_refresh = None
+
     def refresh_due(self, now: float) -> List[int]:
         """Domains whose templates are due for re-sending at ``now``."""
         return [d for d, s in self.domains.items()

@@ -493,3 +493,47 @@ def test_reconfigure_flushes_as_forced_end_then_sends_templates_again():
             assert m2.sequence == 1
         finally:
             exp.close(20.0)
+
+
+def test_target_that_resolves_later_joins_with_templates_first(
+        monkeypatch):
+    """A host name that does not resolve at first (a DNS outage) is tried
+    again with backoff; once it resolves, the collector gets templates
+    before any data, and nothing else is disturbed."""
+    real = socket.getaddrinfo
+    outage = [True]
+
+    def getaddrinfo(host, *args, **kw):
+        if outage[0] and host == "localhost":
+            raise socket.gaierror(socket.EAI_AGAIN,
+                                  "Temporary failure in name resolution")
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with UdpCollector() as good, UdpCollector() as later:
+        target = "localhost:%d" % later.port
+        exp = Exporter(bridge_options((good.target, target)), 100.0)
+        try:
+            assert [c.spec for c in exp.collectors.collectors] == \
+                [good.target]
+            assert exp.collectors.next_retry() == 101.0
+            assert exp.next_deadline() <= 101.0
+            flush_one(exp, 100.5)              # before the name resolves
+            exp.run(101.0)                     # still failing: backs off
+            assert exp.collectors.next_retry() == 103.0
+            outage[0] = False
+            flush_one(exp, 102.0)
+            exp.run(103.0)                     # resolves: joins
+            assert exp.collectors.next_retry() is None
+            assert [c.spec for c in exp.collectors.collectors] == \
+                [good.target, target]
+            flush_one(exp, 104.0)
+            assert later.wait_for(lambda d: len(d) >= 1, 5.0)
+            assert good.wait_for(lambda d: len(d) >= 3, 5.0)
+            for c in (good, later):
+                session = parse_collector(c)
+                assert session.problems == []   # templates came first
+            assert len(parse_collector(later).records) == 1
+            assert len(parse_collector(good).records) == 3
+        finally:
+            exp.close(200.0)

@@ -540,11 +540,11 @@ def failing_sockets(monkeypatch):
     fail = []
     calls = [0]
 
-    def collector_set(targets):
+    def collector_set(targets, now=0.0):
         calls[0] += 1
         if calls[0] in fail:
             raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-        return real(targets)
+        return real(targets, now)
 
     monkeypatch.setattr(exporter_module, "CollectorSet", collector_set)
     return fail

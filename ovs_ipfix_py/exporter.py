@@ -104,6 +104,16 @@ class Exporter:
         if self.is_bridge:
             self._count = UINT32_MAX // o.probability
         self._heads = {}
+        # other_config:virtual_obs_id: sent after the key of every record
+        # (a variable-length string, RFC 7011 section 7: 1-byte length),
+        # in the templates that carry virtualObsID.
+        vobs = o.export.virtual_obs_id
+        if vobs is None:
+            self._vobs, self._vobs_offset = b"", 0
+        else:
+            raw = vobs.encode("utf-8")[:254]
+            self._vobs = bytes((len(raw),)) + raw
+            self._vobs_offset = t.VIRTUAL_OBS_OFFSET
 
     @property
     def name(self) -> str:
@@ -122,6 +132,9 @@ class Exporter:
         new = options.export
         self.options = options
         if new.targets != old.targets:
+            # These transport sessions end here: their last message is
+            # the exporting process statistics, as on close().
+            self._send_stats(now)
             self.collectors.close()
             self.collectors = CollectorSet(new.targets, now)
             self.writer = message.MessageWriter(
@@ -362,11 +375,13 @@ class Exporter:
         et_us = message.export_time(now) * 1000000
         by_domain: Dict[int, Dict[int, List]] = {}
         get_template = t.get
+        vobs, vobs_offset = self._vobs, self._vobs_offset
         for f in flows:
             domain, tid = KEY_PREFIX.unpack_from(f.key)
+            tid += vobs_offset
             start_delta = et_us - int(round(f.start * 1e6))
             end_delta = et_us - int(round(f.end * 1e6))
-            rec = f.key[6:] + _AGG.pack(
+            rec = f.key[6:] + vobs + _AGG.pack(
                 _clamp32(start_delta), _clamp32(end_delta), f.packets,
                 f.l2_octets, f.reason)
             template = get_template(tid)

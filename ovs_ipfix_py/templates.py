@@ -30,6 +30,10 @@ L4_NONE, L4_TCP, L4_UDP, L4_SCTP, L4_ICMP = 0, 1, 2, 3, 4
 INGRESS, EGRESS = 0, 1
 
 TEMPLATE_ID_MIN = 256
+#: Layouts that carry virtualObsID (other_config:virtual_obs_id) have
+#: their own ids, this far above the plain ones, so an id never changes
+#: layout within a session (RFC 7011 section 8.1).
+VIRTUAL_OBS_OFFSET = 100
 #: Options template: exporting process reliability statistics
 #: (RFC 7011 section 4.3).
 OPTIONS_EXPORTER_STATS_ID = 320
@@ -79,6 +83,10 @@ _IP_AGG = [
 ]
 _TCP_AGG = [("tcpControlBits", 2)]
 
+#: OVS puts it after the flow key when other_config:virtual_obs_id is
+#: set: a variable-length string (VMware enterprise element).
+_VIRTUAL_OBS = [("virtualObsID", 65535)]
+
 _STATS_SCOPE = [("exportingProcessId", 4)]
 _STATS_FIELDS = [
     ("notSentFlowTotalCount", 8),
@@ -105,10 +113,12 @@ class Template(NamedTuple):
     agg_fields: Tuple[Tuple[str, int], ...]
     record: bytes
     data_length: int
+    virtual_obs: bool = False
 
     @property
     def fields(self) -> Tuple[Tuple[str, int], ...]:
-        return self.key_fields + self.agg_fields
+        extra = tuple(_VIRTUAL_OBS) if self.virtual_obs else ()
+        return self.key_fields + extra + self.agg_fields
 
     @property
     def key_length(self) -> int:
@@ -180,12 +190,18 @@ def _build_all() -> Dict[int, Template]:
                 for direction in (INGRESS, EGRESS):
                     tid = template_id(l2, l3, l4, direction)
                     key, agg = _layout_fields(l2, l3, l4, direction)
-                    fields = key + agg
-                    record = (struct.pack("!HH", tid, len(fields))
-                              + _field_specifiers(fields))
-                    out[tid] = Template(
-                        tid, l2, l3, l4, direction, key, agg, record,
-                        sum(length for _, length in fields))
+                    for vobs in (False, True):
+                        extra = tuple(_VIRTUAL_OBS) if vobs else ()
+                        vid = tid + (VIRTUAL_OBS_OFFSET if vobs else 0)
+                        fields = key + extra + agg
+                        record = (struct.pack("!HH", vid, len(fields))
+                                  + _field_specifiers(fields))
+                        # data_length: fixed part (variable fields count
+                        # their 1-byte length prefix only).
+                        out[vid] = Template(
+                            vid, l2, l3, l4, direction, key, agg, record,
+                            sum(1 if length == 65535 else length
+                                for _, length in fields), vobs)
     return out
 
 
@@ -201,18 +217,32 @@ def _build_stats() -> OptionsTemplate:
 
 
 _TEMPLATES: Dict[int, Template] = {}
+_VOBS_TEMPLATES: Dict[int, Template] = {}
 _STATS: List[OptionsTemplate] = []
 
 
-def all_templates() -> Dict[int, Template]:
-    """Every data template by id (built once, on first use)."""
+def _ensure_built() -> None:
     if not _TEMPLATES:
-        _TEMPLATES.update(_build_all())
+        for tid, tmpl in _build_all().items():
+            (_VOBS_TEMPLATES if tmpl.virtual_obs else _TEMPLATES)[tid] = tmpl
+
+
+def all_templates() -> Dict[int, Template]:
+    """The data template of every layout, by id (built once)."""
+    _ensure_built()
     return _TEMPLATES
 
 
+def virtual_obs_templates() -> Dict[int, Template]:
+    """The same layouts with virtualObsID after the key, by id."""
+    _ensure_built()
+    return _VOBS_TEMPLATES
+
+
 def get(tid: int) -> Template:
-    return all_templates()[tid]
+    _ensure_built()
+    tmpl = _TEMPLATES.get(tid)
+    return tmpl if tmpl is not None else _VOBS_TEMPLATES[tid]
 
 
 def exporter_stats_template() -> OptionsTemplate:

@@ -16,7 +16,7 @@ import traffic as tr
 from hypothesis import HealthCheck, example, given, settings
 from support import free_port
 from support.collector import UdpCollector
-from support.decoders import Session, parse_collector
+from support.decoders import Session, judge_collector, parse_collector
 
 from ovs_ipfix_py import collector as col
 from ovs_ipfix_py import elements, packet
@@ -537,3 +537,27 @@ def test_target_that_resolves_later_joins_with_templates_first(
             assert len(parse_collector(good).records) == 3
         finally:
             exp.close(200.0)
+
+
+def test_virtual_obs_id_follows_the_key(tmp_path):
+    """other_config:virtual_obs_id goes after the key of every record as
+    virtualObsID (PEN 6876, id 898, variable length), in templates of
+    their own ids; tshark, ipfixDump and our parser accept the stream."""
+    with UdpCollector() as c:
+        exp = Exporter(bridge_options((c.target,),
+                                      virtual_obs_id="vobs-é1"), 10.0)
+        try:
+            f = tr.build_frame(proto=tr.IPPROTO_TCP, sport=1, dport=2)
+            exp.sample_bridge(f, len(f), 1, None, 10.0)
+            exp.flush(11.0)
+            assert c.wait_for(lambda d: len(d) >= 1, 5.0)
+            judged = judge_collector(c, tmp_path)
+            assert judged.problems == []
+            [record] = judged.session.records
+            base = t.template_id(t.L2_ETH, t.L3_IPV4, t.L4_TCP, t.INGRESS)
+            assert record.template_id == base + t.VIRTUAL_OBS_OFFSET
+            assert record.values[(6876, 898)] == "vobs-é1".encode()
+            assert record.uint(2) == 1            # packetDeltaCount
+            assert [r["packets"] for r in judged.tshark.records] == [1]
+        finally:
+            exp.close(20.0)

@@ -186,3 +186,25 @@ def test_exporter_stats_options_template():
     assert opt.id == t.OPTIONS_EXPORTER_STATS_ID == 320
     assert opt.id not in t.all_templates()
     assert opt.data_length == 4 + 3 * 8
+
+
+def test_virtual_obs_variants():
+    """Every layout has a variant with virtualObsID (VMware PEN 6876,
+    variable length) right after the key, at id + VIRTUAL_OBS_OFFSET,
+    clear of the plain ids and of the options template's."""
+    plain = t.all_templates()
+    variants = t.virtual_obs_templates()
+    assert len(variants) == len(plain) == 44
+    for tid, tmpl in plain.items():
+        v = variants[tid + t.VIRTUAL_OBS_OFFSET]
+        assert t.get(v.id) is v and v.virtual_obs and not tmpl.virtual_obs
+        rid, specs = specifiers(v.record)
+        assert rid == v.id
+        k = len(tmpl.key_fields)
+        assert specs[:k] + specs[k + 1:] == specifiers(tmpl.record)[1]
+        element = elements.lookup("virtualObsID")
+        assert (element.pen, element.id) == (6876, 898)
+        assert specs[k] == (898, elements.VARIABLE_LENGTH, 6876)
+    ids = set(plain) | set(variants)
+    assert len(ids) == 88
+    assert t.OPTIONS_EXPORTER_STATS_ID not in ids

@@ -9,7 +9,9 @@ has one template whose id never changes:
     id = 256 + ((l2 * 3 + l3) * 5 + l4) * 2 + direction
 
 Non-IP layouts have no L4 part, so 44 of the 60 ids are used.  Options
-templates (exporter statistics) use ids above that range.
+templates (exporter statistics) use ids above that range, and the
+variants carrying virtualObsID (other_config:virtual_obs_id) use the
+plain id + VIRTUAL_OBS_OFFSET.
 
 Templates are lists of information element names; ids, types and
 lengths come from the element table under ``schemas/``.  A few

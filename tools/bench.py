@@ -28,6 +28,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from typing import List, NamedTuple, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,11 +113,14 @@ def machine() -> str:
             capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    # Other work on the machine moves the figures: say how busy it was.
+    load = "%.2f %.2f %.2f" % os.getloadavg()
     return ("%s UTC; %d cores (os.cpu_count), CPU %s; Python %s; "
-            "Linux %s; commit %s"
+            "Linux %s; load average %s; commit %s"
             % (datetime.datetime.now(datetime.timezone.utc)
                .strftime("%Y-%m-%d %H:%M:%S"), os.cpu_count() or 0, model,
-               platform.python_version(), platform.release(), commit))
+               platform.python_version(), platform.release(), load,
+               commit))
 
 
 # -- part 1 ----------------------------------------------------------------
@@ -321,6 +325,7 @@ def main(argv=None) -> int:
     def say(msg):
         print("bench: " + msg, file=sys.stderr, flush=True)
 
+    started = time.monotonic()
     table = Table(args.quick)
     parts = [args.only] if args.only else [1, 2, 3, 4]
     print("ovs-ipfix-py benchmark%s" % (" (--quick)" if args.quick
@@ -333,6 +338,8 @@ def main(argv=None) -> int:
     if 4 in parts:
         part4(table, args.quick, say)
     print(table.render())
+    print("load average at the end: %.2f %.2f %.2f; took %.0f s"
+          % (os.getloadavg() + (time.monotonic() - started,)))
     return 0
 
 

@@ -232,23 +232,33 @@ class Exporter:
         domain = o.obs_domain_id
         point = o.obs_point_id
         heads = self._heads
-        add = self.cache.add
+        add_many = self.cache.add_many
+        # Fast-path samples wait here and go to the cache in one call;
+        # a slow-path sample first sends them, so order is kept.
+        pending = []
+        push = pending.append
         tos_fields = packet.TOS_FIELDS
+        bfd_dports = _BFD_DPORTS
         n_v4 = flows = 0
-        counts = {}
+        # Probability and ports repeat from one sample to the next:
+        # look them up again only when they change.
+        last_p = last_in = last_out = count = h = None
         for s in samples:
             p = s.probability
-            count = counts.get(p)
-            if count is None:
-                count = counts[p] = UINT32_MAX // p if p else self._count
+            if p != last_p:
+                count = UINT32_MAX // p if p else self._count
+                last_p = p
             f = s.frame
             out_port = s.output_port
             in_port = s.input_port
-            hk = (in_port, out_port)
-            h = heads.get(hk)
-            if h is None:
-                h = heads[hk] = self._fast_heads(domain, point, in_port,
-                                                 out_port)
+            if in_port != last_in or out_port != last_out:
+                hk = (in_port, out_port)
+                h = heads.get(hk)
+                if h is None:
+                    h = heads[hk] = self._fast_heads(domain, point,
+                                                     in_port, out_port)
+                last_in = in_port
+                last_out = out_port
             if (h is not None and len(f) >= 42 and f[12] == 8
                     and f[13] == 0 and f[14] == 0x45
                     and not (f[20] & 0x1F or f[21])):
@@ -257,23 +267,27 @@ class Exporter:
                 # the frame (else packet.parse zeroes the L4 fields).
                 if fast is not None and fast[4] <= (
                         f[16] << 8 | f[17]) and fast[4] + 14 <= len(f) \
-                        and not (f[23] == 17 and f[36:38] in _BFD_DPORTS):
+                        and not (f[23] == 17 and f[36:38] in bfd_dports):
                     head, mid, l4_end, is_tcp, _ = fast
                     frame_len = s.orig_len
                     if frame_len < len(f):
                         frame_len = len(f)
                     n_v4 += 1
-                    if add(b"".join((head, f[6:12], f[0:6], mid, f[22:24],
-                                     tos_fields[f[15]], f[26:l4_end])),
-                           now, count, frame_len, frame_len - 14,
-                           ((f[46] & 0x0F) << 8 | f[47]) if is_tcp else 0):
-                        flows += 1
+                    push((b"".join((head, f[6:12], f[0:6], mid, f[22:24],
+                                    tos_fields[f[15]], f[26:l4_end])),
+                          count, frame_len, frame_len - 14,
+                          ((f[46] & 0x0F) << 8 | f[47]) if is_tcp else 0))
                     continue
+            if pending:
+                flows += add_many(pending, now)
+                pending.clear()
             if out_port is None:
                 self.sample_bridge(f, s.orig_len, in_port, None, now, p)
             else:
                 self.sample_bridge(f, s.orig_len, in_port, out_port, now,
                                    p)
+        if pending:
+            flows += add_many(pending, now)
         st = self.stats
         st.pkts += n_v4
         st.ipv4_ok += n_v4

@@ -299,7 +299,7 @@ def test_no_room_with_a_timeout_is_lack_of_resources():
 # -- expiry cost follows what expires --------------------------------------
 
 class CountingArray:
-    """Wraps the cache's start-time array and counts reads."""
+    """Wraps the cache's times array (start, end) and counts reads."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -322,7 +322,7 @@ def test_expiry_reads_only_what_expires():
         add(cache, b"old%d" % i, 0.0)
     for i in range(100_000):
         add(cache, i.to_bytes(4, "big"), 30.0)
-    counter = cache.start = CountingArray(cache.start)
+    counter = cache.times = CountingArray(cache.times)
     assert cache.expire(59.0) == 0
     assert counter.reads == 1
     counter.reads = 0

@@ -221,9 +221,13 @@ def by_port(records):
 def cache_snapshot(exp):
     """Everything a flow cache holds, per key, in start order."""
     c = exp.cache
-    return [(key, c.start[c.index[key]], c.end[c.index[key]],
-             c.packets[c.index[key]], c.l2_octets[c.index[key]],
-             c.octets[c.index[key]]) for key in c.order]
+    out = []
+    for key in c.order:
+        slot = c.index[key]
+        out.append((key, c.times[2 * slot], c.times[2 * slot + 1],
+                    c.counters[4 * slot], c.counters[4 * slot + 1],
+                    c.counters[4 * slot + 2]))
+    return out
 
 
 def socket_names(exp):

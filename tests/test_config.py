@@ -16,6 +16,7 @@ import time
 
 import ovs.poller
 import pytest
+from support.ovsdb import newer_schema, transact
 
 from ovs_ipfix_py.config import ConfigReader, parse_target
 from ovs_ipfix_py.options import (
@@ -25,7 +26,6 @@ from ovs_ipfix_py.options import (
     FlowExporterOptions,
 )
 
-DEBIAN_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -79,46 +79,6 @@ def create_ipfix(server, bridge="br0", ipfix_args=(), flow_set_id=None):
         args += ["--", "create", "Flow_Sample_Collector_Set",
                  f"id={flow_set_id}", "bridge=@br", "ipfix=@i"]
     server.vsctl(*args)
-
-
-def transact(server, *ops):
-    """ovsdb-client transact on the Open_vSwitch db: for columns that
-    Debian's ovs-vsctl does not know."""
-    request = json.dumps(["Open_vSwitch", *ops])
-    result = subprocess.run(["ovsdb-client", "transact", server.remote,
-                             request], capture_output=True, text=True,
-                            timeout=10, check=True)
-    reply = json.loads(result.stdout)
-    assert not any("error" in r for r in reply if r), reply
-    return reply
-
-
-def newer_schema(path, loose_sampling=False):
-    """Debian's schema plus the columns of newer OVS releases: IPFIX
-    template_interval / stats_interval (1..3600 s) and
-    Flow_Sample_Collector_Set local_group_id.  ``loose_sampling`` drops
-    the sampling column's lower bound, as a modified schema might."""
-    with open(DEBIAN_SCHEMA) as f:
-        schema = json.load(f)
-    schema["version"] = "8.9.0"
-    schema.pop("cksum", None)
-    interval = {"type": {"key": {"type": "integer", "minInteger": 1,
-                                 "maxInteger": 3600},
-                         "min": 0, "max": 1}}
-    ipfix = schema["tables"]["IPFIX"]["columns"]
-    ipfix["template_interval"] = interval
-    ipfix["stats_interval"] = interval
-    if loose_sampling:
-        ipfix["sampling"] = {"type": {"key": "integer",
-                                      "min": 0, "max": 1}}
-    schema["tables"]["Flow_Sample_Collector_Set"]["columns"][
-        "local_group_id"] = {"type": {"key": {"type": "integer",
-                                               "minInteger": 0,
-                                               "maxInteger": 4294967295},
-                                      "min": 0, "max": 1}}
-    with open(path, "w") as f:
-        json.dump(schema, f)
-    return str(path)
 
 
 @pytest.fixture

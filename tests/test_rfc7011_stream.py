@@ -24,10 +24,8 @@ socket to one collector):
   ipfixDump reads the session, as an RFC 5655 file, with no error.
 """
 
-import json
 import os
 import struct
-import subprocess
 import time
 
 import pytest
@@ -42,12 +40,12 @@ from support.decoders import (
     ipfixdump_check,
     tshark_decode,
 )
+from support.ovsdb import newer_schema, transact
 from test_ovs_differential import ExporterDaemon
 from traffic import traffic_mix
 
 pytestmark = pytest.mark.timeout(120)
 
-DEBIAN_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 MAX_MESSAGE = 512
 TEMPLATE_INTERVAL = 1.0  # s
 STATS_INTERVAL = 1.0  # s
@@ -59,34 +57,6 @@ DOMAINS = (7, 8)
 #: the second round, so its session lives about 3.5 template intervals.
 ROUNDS, ROUND = 6, 0.8
 STATS_TEMPLATE_ID = 320
-
-
-def newer_schema(path):
-    """Debian 3.1's vswitch.ovsschema plus the IPFIX columns of newer
-    OVS releases: template_interval and stats_interval (1..3600 s)."""
-    with open(DEBIAN_SCHEMA) as f:
-        schema = json.load(f)
-    schema["version"] = "8.9.0"
-    schema.pop("cksum", None)
-    interval = {"type": {"key": {"type": "integer", "minInteger": 1,
-                                 "maxInteger": 3600},
-                         "min": 0, "max": 1}}
-    columns = schema["tables"]["IPFIX"]["columns"]
-    columns["template_interval"] = interval
-    columns["stats_interval"] = interval
-    with open(path, "w") as f:
-        json.dump(schema, f)
-    return str(path)
-
-
-def transact(server, *ops):
-    """ovsdb-client transact: for columns Debian's ovs-vsctl lacks."""
-    result = subprocess.run(
-        ["ovsdb-client", "transact", server.remote,
-         json.dumps(["Open_vSwitch", *ops])],
-        capture_output=True, text=True, timeout=10, check=True)
-    reply = json.loads(result.stdout)
-    assert not any("error" in r for r in reply if r), reply
 
 
 # ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ that they are reaped when stopped; they are stopped by pid, never by
 name.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -230,3 +231,43 @@ class OvsdbServer:
         self.vswitchd_pid = proc.pid
         self._wait_ready("ovs-vswitchd", self.ctl_path("ovs-vswitchd"))
         return self.vswitchd_pid
+
+
+def transact(server, *ops):
+    """ovsdb-client transact on the Open_vSwitch db: for columns that
+    Debian's ovs-vsctl does not know."""
+    request = json.dumps(["Open_vSwitch", *ops])
+    result = subprocess.run(["ovsdb-client", "transact", server.remote,
+                             request], capture_output=True, text=True,
+                            timeout=10, check=True)
+    reply = json.loads(result.stdout)
+    assert not any("error" in r for r in reply if r), reply
+    return reply
+
+
+def newer_schema(path, loose_sampling=False):
+    """Debian's schema plus the columns of newer OVS releases: IPFIX
+    template_interval / stats_interval (1..3600 s) and
+    Flow_Sample_Collector_Set local_group_id.  ``loose_sampling`` drops
+    the sampling column's lower bound, as a modified schema might."""
+    with open(DEFAULT_SCHEMA) as f:
+        schema = json.load(f)
+    schema["version"] = "8.9.0"
+    schema.pop("cksum", None)
+    interval = {"type": {"key": {"type": "integer", "minInteger": 1,
+                                 "maxInteger": 3600},
+                         "min": 0, "max": 1}}
+    ipfix = schema["tables"]["IPFIX"]["columns"]
+    ipfix["template_interval"] = interval
+    ipfix["stats_interval"] = interval
+    if loose_sampling:
+        ipfix["sampling"] = {"type": {"key": "integer",
+                                      "min": 0, "max": 1}}
+    schema["tables"]["Flow_Sample_Collector_Set"]["columns"][
+        "local_group_id"] = {"type": {"key": {"type": "integer",
+                                               "minInteger": 0,
+                                               "maxInteger": 4294967295},
+                                      "min": 0, "max": 1}}
+    with open(path, "w") as f:
+        json.dump(schema, f)
+    return str(path)

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional
 import ovs.daemon
 import ovs.dirs
 import ovs.poller
+import ovs.stream
 import ovs.unixctl
 import ovs.unixctl.server
 import ovs.util
@@ -237,6 +238,14 @@ def parse_args(argv=None):
     parser.add_argument("--unixctl", default=None,
                         help="control socket path (default: $OVS_RUNDIR/"
                         "%s.PID.ctl)" % PROGRAM)
+    ssl = parser.add_argument_group(
+        "SSL options (for an ssl: --db remote, as ovs-vsctl takes them)")
+    ssl.add_argument("-p", "--private-key", metavar="FILE",
+                     help="private key file")
+    ssl.add_argument("-c", "--certificate", metavar="FILE",
+                     help="certificate file")
+    ssl.add_argument("-C", "--ca-cert", metavar="FILE",
+                     help="CA certificate file")
     parser.add_argument("--version", action="version",
                         version="%s %s" % (PROGRAM, __version__))
     ovs.vlog.add_args(parser)
@@ -253,6 +262,18 @@ def main(argv=None) -> int:
         # the "file" destination's lines on stderr a second time.
         ovs.vlog.Vlog.set_level("any", "file", "off")
     ovs.daemon.handle_args(args)
+    db = args.db or default_db()
+    if db.startswith("ssl:") or ",ssl:" in db:
+        missing = [opt for opt, value in (
+            ("--private-key", args.private_key),
+            ("--certificate", args.certificate),
+            ("--ca-cert", args.ca_cert)) if not value]
+        if missing:
+            ovs.util.ovs_fatal(0, "an ssl: remote needs %s"
+                               % ", ".join(missing), vlog)
+        ovs.stream.Stream.ssl_set_private_key_file(args.private_key)
+        ovs.stream.Stream.ssl_set_certificate_file(args.certificate)
+        ovs.stream.Stream.ssl_set_ca_cert_file(args.ca_cert)
     ovs.daemon.daemonize_start()
 
     error, unixctl = ovs.unixctl.server.UnixctlServer.create(
@@ -261,15 +282,14 @@ def main(argv=None) -> int:
         ovs.util.ovs_fatal(error, "could not create unixctl server at %s"
                            % (args.unixctl or "default path"), vlog)
     try:
-        d = Daemon(args.db or default_db(), args.channel or default_channel())
+        d = Daemon(db, args.channel or default_channel())
     except OSError as e:
         ovs.util.ovs_fatal(e.errno or 0, "cannot start: %s" % e, vlog)
     _register_commands(d)
     d.install_signal_handlers()
     ovs.daemon.daemonize_complete()
     vlog.info("%s %s started (db %s, channel %s)"
-              % (PROGRAM, __version__, args.db or default_db(),
-                 args.channel or default_channel()))
+              % (PROGRAM, __version__, db, args.channel or default_channel()))
 
     while not d.exiting:
         d.run_once()

@@ -677,13 +677,11 @@ def test_bridge_sampling_gives_the_flows_ovs_gives(pair):
             == {0, 1}
 
 
-def test_flow_sampling_gives_the_flows_ovs_gives(pair):
-    """Flow sampling: ``sample(probability=65535,collector_set_id=1,
-    obs_domain_id=7,obs_point_id=9),output:2`` in OVS, flow samples of
-    collector set 1 with the same ids through the channel for the plugin:
-    the same flows, ids and counts, ingress as OVS reports a sample taken
-    before the output."""
-    frames = mix(seed=12)
+def configure_flow_sampling_and_inject(pair, frames, max_flows):
+    """Flow sampling on both sides: OVS's ``sample(probability=65535,
+    collector_set_id=1,obs_domain_id=7,obs_point_id=9),output:2`` on
+    port 1 and Flow_Sample_Collector_Set 1 (active timeout 60 s,
+    ``max_flows``); then the frames into OVS, paced on its counters."""
     pair.switch.ofctl(
         "add-flow", "br0", "in_port=1,actions=sample(probability=65535,"
         "collector_set_id=1,obs_domain_id=7,obs_point_id=9),output:2")
@@ -691,12 +689,22 @@ def test_flow_sampling_gives_the_flows_ovs_gives(pair):
         "--", "--id=@br0", "get", "Bridge", "br0",
         "--", "--id=@i", "create", "IPFIX",
         f'targets="{pair.collector.target}"',
-        "cache_active_timeout=60", "cache_max_flows=10000",
+        "cache_active_timeout=60", "cache_max_flows=%d" % max_flows,
         "--", "create", "Flow_Sample_Collector_Set", "id=1", "bridge=@br0",
         "ipfix=@i", wait=True)
-    n = len(frames)
     pair.switch.inject(frames, done=lambda k: pair.switch.counters(
         "flow").get("id   1", {}).get("sampled pkts", -1) >= k)
+
+
+def test_flow_sampling_gives_the_flows_ovs_gives(pair):
+    """Flow sampling: ``sample(probability=65535,collector_set_id=1,
+    obs_domain_id=7,obs_point_id=9),output:2`` in OVS, flow samples of
+    collector set 1 with the same ids through the channel for the plugin:
+    the same flows, ids and counts, ingress as OVS reports a sample taken
+    before the output."""
+    frames = mix(seed=12)
+    configure_flow_sampling_and_inject(pair, frames, max_flows=10000)
+    n = len(frames)
     pair.plugin.replay(frames, "--bridge=br0", "--input-port=1",
                        "--collector-set=1", "--obs-domain-id=7",
                        "--obs-point-id=9")
@@ -778,18 +786,7 @@ def test_full_cache_evicts_as_ovs_does(pair):
     the messages differs: ours are grouped by template)."""
     frames = [f for f in mix(seed=14) if not is_qinq(f)
               and not is_ipv6_later_fragment(f)]
-    pair.switch.ofctl(
-        "add-flow", "br0", "in_port=1,actions=sample(probability=65535,"
-        "collector_set_id=1,obs_domain_id=7,obs_point_id=9),output:2")
-    pair.server.vsctl(
-        "--", "--id=@br0", "get", "Bridge", "br0",
-        "--", "--id=@i", "create", "IPFIX",
-        f'targets="{pair.collector.target}"',
-        "cache_active_timeout=60", "cache_max_flows=5",
-        "--", "create", "Flow_Sample_Collector_Set", "id=1", "bridge=@br0",
-        "ipfix=@i", wait=True)
-    pair.switch.inject(frames, done=lambda k: pair.switch.counters(
-        "flow").get("id   1", {}).get("sampled pkts", -1) >= k)
+    configure_flow_sampling_and_inject(pair, frames, max_flows=5)
     pair.plugin.replay(frames, "--bridge=br0", "--input-port=1",
                        "--collector-set=1", "--obs-domain-id=7",
                        "--obs-point-id=9")

@@ -3,6 +3,7 @@ tests that need several.  Every process started here is stopped by pid
 file in the fixture's finally, whatever the test's outcome."""
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -20,6 +21,16 @@ def short_tempdir(prefix):
     """A fresh directory directly under /tmp: unix socket paths inside
     stay far below the 108-byte limit (pytest's tmp_path does not)."""
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+@pytest.fixture
+def shorttmp():
+    """A fresh ``short_tempdir``, removed after the test."""
+    d = short_tempdir("t-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

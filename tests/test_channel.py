@@ -4,12 +4,10 @@ code), then the ChannelServer on real Unix sockets."""
 
 import os
 import re
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 
 import ovs.poller
@@ -175,12 +173,8 @@ def _bridge(i, frame=b"\x00" * 60):
 
 
 @pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="chan-", dir="/tmp")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def sockdir(shorttmp):
+    return shorttmp
 
 
 @pytest.fixture

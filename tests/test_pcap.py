@@ -10,7 +10,6 @@ import os
 import shutil
 import struct
 import subprocess
-import tempfile
 
 import pytest
 
@@ -21,12 +20,8 @@ pytestmark = pytest.mark.skipif(shutil.which("tshark") is None,
 
 
 @pytest.fixture
-def tmp():
-    d = tempfile.mkdtemp(prefix="pcap-", dir="/tmp")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def tmp(shorttmp):
+    return shorttmp
 
 
 def frames(n=20):

@@ -4,11 +4,9 @@ sends into a real ChannelServer served by this test's poll loop."""
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import ovs.poller
@@ -24,12 +22,8 @@ SUMMARY = re.compile(r"^ovs-ipfix-replay: (\d+) packets read, (\d+) "
 
 
 @pytest.fixture
-def tmp():
-    d = tempfile.mkdtemp(prefix="replay-", dir="/tmp")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def tmp(shorttmp):
+    return shorttmp
 
 
 @pytest.fixture

@@ -245,11 +245,3 @@ class FlowCache:
         out = self.expired
         self.expired = []
         return out
-
-    def memory_bytes(self) -> int:
-        """Bytes held by the arrays and index structures (not keys)."""
-        import sys
-        arrays = sum(a.itemsize * len(a) for a in (
-            self.times, self.counters, self.small))
-        return (arrays + sys.getsizeof(self.index)
-                + sys.getsizeof(self.order))

@@ -95,11 +95,14 @@ class Exporter:
         self.cache = flowcache.FlowCache(cache_opts.active_timeout,
                                          cache_opts.max_flows)
         self.next_stats = now + options.export.stats_interval
-        self._set_bridge_params()
+        self._derive_params()
 
     # -- configuration ----------------------------------------------------
 
-    def _set_bridge_params(self):
+    def _derive_params(self):
+        """Values derived from the options, recomputed when they change:
+        the bridge sample count, the fast path's key heads, the encoded
+        virtualObsID."""
         o = self.options
         if self.is_bridge:
             self._count = UINT32_MAX // o.probability
@@ -149,7 +152,7 @@ class Exporter:
         self.cache.max_flows = new.cache.max_flows
         if new.stats_interval != old.stats_interval:
             self.next_stats = now + new.stats_interval
-        self._set_bridge_params()
+        self._derive_params()
 
     def close(self, now: float) -> None:
         """Flush as forced end, send final statistics, close sockets."""

@@ -16,6 +16,7 @@ monotonic one, so its timeouts fire late).
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from typing import Dict, List, Optional
@@ -23,6 +24,7 @@ from typing import Dict, List, Optional
 from ovs_ipfix_py import flowcache, message, packet
 from ovs_ipfix_py import templates as t
 from ovs_ipfix_py.collector import MAX_UDP_PAYLOAD, CollectorSet
+from ovs_ipfix_py.flowcache import U64_MAX
 from ovs_ipfix_py.options import (
     UINT16_MAX,
     UINT32_MAX,
@@ -32,6 +34,21 @@ from ovs_ipfix_py.options import (
 from ovs_ipfix_py.ratelimit import RateLimitedLog
 
 log = RateLimitedLog("exporter")
+
+# The optional C fast path (ovs_ipfix_py/_fastpath.c, built at install
+# when a compiler is there).  OVS_IPFIX_PY_PURE=1 keeps it out.
+if os.environ.get("OVS_IPFIX_PY_PURE"):
+    _fastpath = None
+else:
+    try:
+        from ovs_ipfix_py import _fastpath
+    except ImportError:
+        _fastpath = None
+
+
+def fast_path_name() -> str:
+    """Which bridge-sample fast path runs: "C" or "Python"."""
+    return "C" if _fastpath is not None else "Python"
 
 #: Cache key prefix: observation domain id, template id.
 KEY_PREFIX = struct.Struct("!IH")
@@ -231,10 +248,13 @@ class Exporter:
         that it gives exactly what ``packet.parse`` gives.  Everything
         else goes through ``packet.parse``.
         """
+        if _fastpath is not None:
+            self._sample_bridge_batch_c(samples, now)
+            return
         o = self.options
         domain = o.obs_domain_id
         point = o.obs_point_id
-        heads = self._heads
+        heads_for = self._heads_for
         add_many = self.cache.add_many
         # Fast-path samples wait here and go to the cache in one call;
         # a slow-path sample first sends them, so order is kept.
@@ -255,11 +275,7 @@ class Exporter:
             out_port = s.output_port
             in_port = s.input_port
             if in_port != last_in or out_port != last_out:
-                hk = (in_port, out_port)
-                h = heads.get(hk)
-                if h is None:
-                    h = heads[hk] = self._fast_heads(domain, point,
-                                                     in_port, out_port)
+                h = heads_for(in_port, out_port)
                 last_in = in_port
                 last_out = out_port
             if (h is not None and len(f) >= 42 and f[12] == 8
@@ -295,6 +311,44 @@ class Exporter:
         st.pkts += n_v4
         st.ipv4_ok += n_v4
         st.flows += flows
+
+    def _sample_bridge_batch_c(self, samples, now: float) -> None:
+        """sample_bridge_batch through the C fast path: it aggregates
+        samples up to the first it does not take, which goes to
+        sample_bridge(); then on from the next."""
+        if type(samples) is not list:
+            samples = list(samples)
+        batch = _fastpath.bridge_batch
+        count = self._count if self.is_bridge else 0
+        heads_for = self._heads_for
+        tos_fields = packet.TOS_FIELDS
+        cache = self.cache
+        st = self.stats
+        n = len(samples)
+        i = 0
+        while i < n:
+            i, fast, new = batch(samples, i, now, count, heads_for,
+                                 tos_fields, cache)
+            st.pkts += fast
+            st.ipv4_ok += fast
+            st.flows += new
+            if i < n:
+                s = samples[i]
+                self.sample_bridge(s.frame, s.orig_len, s.input_port,
+                                   s.output_port, now, s.probability)
+                i += 1
+
+    def _heads_for(self, in_port, out_port):
+        """The fast path's key pieces for a port pair (_fast_heads),
+        built once per pair and options."""
+        hk = (in_port, out_port)
+        try:
+            return self._heads[hk]
+        except KeyError:
+            h = self._heads[hk] = self._fast_heads(
+                self.options.obs_domain_id, self.options.obs_point_id,
+                in_port, out_port)
+            return h
 
     def _fast_heads(self, domain, point, in_port, out_port):
         """Key pieces of the fast path for one (input, output) port pair:
@@ -432,10 +486,13 @@ class Exporter:
         """
         st = self.stats
         tmpl = t.exporter_stats_template()
+        # unsigned64 totals: held at 2^64-1 once they pass it (one
+        # record of 2^64-1 octets lost already gets there).
+        rec = _STATS_RECORD.pack(
+            self.exporting_process_id, min(st.not_sent_flows, U64_MAX),
+            min(st.not_sent_packets, U64_MAX),
+            min(st.not_sent_octets, U64_MAX))
         for domain in self._domains():
-            rec = _STATS_RECORD.pack(
-                self.exporting_process_id, st.not_sent_flows,
-                st.not_sent_packets, st.not_sent_octets)
             for msg in self.writer.data_messages(
                     domain, now, [(tmpl.id, tmpl.record, [rec])],
                     options=True):

@@ -1,0 +1,470 @@
+/*
+ * ovs_ipfix_py._fastpath: the bridge-sample hot path in C (optional).
+ *
+ * One function, bridge_batch(), does for plain IPv4 samples exactly what
+ * the pure-Python fast path in exporter.Exporter.sample_bridge_batch
+ * does: build the flow key from slices of the frame, look it up in the
+ * flow cache's index (a Python dict) and update the flow's aggregates in
+ * the cache's typed arrays.  A new flow goes back to Python through the
+ * cache's _insert(), so slot allocation, the expiry order and max_flows
+ * stay in one place (flowcache.py).  At the first sample it does not
+ * take (anything but plain IPv4 TCP/UDP/SCTP/ICMP, an unsampled
+ * direction, an object of an unexpected type) it stops and says where:
+ * the caller hands that sample to the general path and calls again, so
+ * samples are aggregated in order.
+ *
+ * Python (exporter.py) is the specification: tests/test_fastpath.py
+ * checks with hypothesis that both give identical caches and counters.
+ * Importing this module is optional; without it (no compiler, or
+ * OVS_IPFIX_PY_PURE=1) the pure-Python path runs.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ETH_HEADER_LEN 14
+#define MIN_FRAME_LEN 42        /* Ethernet + IPv4 + 8 bytes of L4 */
+#define KEY_MAX 256
+#define UINT32_MAX_ULL 0xFFFFFFFFULL
+/* BFD control and echo (RFC 5881, 5883): OVS never samples them. */
+#define BFD_PORT 3784
+#define BFD_ECHO_PORT 3785
+
+/* The fast path's per-protocol key pieces for one port pair, as
+ * exporter.Exporter._fast_heads() builds them: (head, mid, end of the
+ * key's L4 slice in the frame, is TCP, IP packet bytes needed). */
+struct proto_head {
+    const char *head;
+    Py_ssize_t head_len;
+    const char *mid;
+    Py_ssize_t mid_len;
+    Py_ssize_t l4_end;
+    int is_tcp;
+    unsigned long need;
+    int valid;
+};
+
+/* Protocols with a fast path: TCP, UDP, SCTP, ICMP. */
+static const int fast_protos[4] = {6, 17, 132, 1};
+
+static int
+proto_slot(unsigned char proto)
+{
+    switch (proto) {
+    case 6: return 0;
+    case 17: return 1;
+    case 132: return 2;
+    case 1: return 3;
+    default: return -1;
+    }
+}
+
+/* The cache's three arrays (flowcache.FlowCache), held as buffers.  A
+ * held buffer stops array.array from resizing, so they are released
+ * around every call back into Python (_insert may grow them). */
+struct arrays {
+    PyObject *objs[3];
+    Py_buffer views[3];
+    int held;
+};
+
+enum { TIMES, COUNTERS, SMALL };
+
+static void
+arrays_release(struct arrays *a)
+{
+    if (a->held) {
+        for (int i = 0; i < 3; i++) {
+            PyBuffer_Release(&a->views[i]);
+        }
+        a->held = 0;
+    }
+}
+
+static int
+arrays_acquire(struct arrays *a)
+{
+    static const char formats[3] = {'d', 'Q', 'I'};
+    static const Py_ssize_t sizes[3] = {8, 8, 4};
+
+    for (int i = 0; i < 3; i++) {
+        Py_buffer *v = &a->views[i];
+        if (PyObject_GetBuffer(a->objs[i], v,
+                               PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+            while (--i >= 0) {
+                PyBuffer_Release(&a->views[i]);
+            }
+            return -1;
+        }
+        if (v->itemsize != sizes[i] || !v->format
+            || v->format[0] != formats[i] || v->format[1]) {
+            PyBuffer_Release(v);
+            while (--i >= 0) {
+                PyBuffer_Release(&a->views[i]);
+            }
+            PyErr_SetString(PyExc_TypeError,
+                            "flow cache arrays must be array('d'), "
+                            "array('Q') (8 bytes) and array('I') (4 bytes)");
+            return -1;
+        }
+    }
+    a->held = 1;
+    return 0;
+}
+
+static inline uint64_t
+sat_mul(uint64_t a, uint64_t b)
+{
+    uint64_t r;
+    return __builtin_mul_overflow(a, b, &r) ? UINT64_MAX : r;
+}
+
+static inline void
+sat_add(uint64_t *p, uint64_t v)
+{
+    uint64_t r;
+    *p = __builtin_add_overflow(*p, v, &r) ? UINT64_MAX : r;
+}
+
+/* Fills table[] from heads, the dict {IP protocol: (head, mid, l4_end,
+ * is_tcp, need)} returned by heads_for.  Borrowed pointers: the caller
+ * holds a reference to heads. */
+static int
+load_heads(PyObject *heads, struct proto_head table[4])
+{
+    for (int i = 0; i < 4; i++) {
+        struct proto_head *ph = &table[i];
+        PyObject *proto = PyLong_FromLong(fast_protos[i]);
+        PyObject *t;
+
+        ph->valid = 0;
+        if (!proto) {
+            return -1;
+        }
+        t = PyDict_GetItemWithError(heads, proto);
+        Py_DECREF(proto);
+        if (!t) {
+            if (PyErr_Occurred()) {
+                return -1;
+            }
+            continue;
+        }
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 5
+            || !PyBytes_Check(PyTuple_GET_ITEM(t, 0))
+            || !PyBytes_Check(PyTuple_GET_ITEM(t, 1))) {
+            PyErr_SetString(PyExc_TypeError, "bad fast-path heads entry");
+            return -1;
+        }
+        ph->head = PyBytes_AS_STRING(PyTuple_GET_ITEM(t, 0));
+        ph->head_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(t, 0));
+        ph->mid = PyBytes_AS_STRING(PyTuple_GET_ITEM(t, 1));
+        ph->mid_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(t, 1));
+        ph->l4_end = PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 2));
+        ph->is_tcp = PyObject_IsTrue(PyTuple_GET_ITEM(t, 3));
+        ph->need = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 4));
+        if (PyErr_Occurred() || ph->is_tcp < 0) {
+            return -1;
+        }
+        if (ph->l4_end < 26 || ph->l4_end > MIN_FRAME_LEN
+            || ph->head_len + ph->mid_len + 19 + ph->l4_end - 26
+               > KEY_MAX) {
+            PyErr_SetString(PyExc_ValueError, "fast-path heads too long");
+            return -1;
+        }
+        ph->valid = 1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(bridge_batch_doc,
+"bridge_batch(samples, start, now, default_count, heads_for, tos_fields,\n"
+"             cache) -> (stop, fast, new)\n"
+"\n"
+"Aggregate samples[start:] (a list of upcall.BridgeSample) into cache\n"
+"(a flowcache.FlowCache) at now (s), as the pure-Python fast path of\n"
+"Exporter.sample_bridge_batch does, up to the first sample it does not\n"
+"take.  stop: that sample's index (len(samples) when all were taken);\n"
+"fast: samples aggregated; new: flows they started.  Each sample counts\n"
+"0xFFFFFFFF // its probability packets (default_count when 0).\n"
+"heads_for(input_port, output_port) gives the key pieces per IP\n"
+"protocol for a port pair, or None (that direction is not sampled);\n"
+"tos_fields[tos] the key's DSCP, precedence and ToS bytes.");
+
+static PyObject *
+bridge_batch(PyObject *self, PyObject *args)
+{
+    PyObject *samples, *heads_for, *tos_fields, *cache;
+    Py_ssize_t start;
+    double now;
+    unsigned long long default_count;
+    PyObject *seq = NULL, *index = NULL, *insert = NULL, *heads = NULL;
+    PyObject *last_p = NULL, *last_in = NULL, *last_out = NULL;
+    struct arrays arr = {{NULL, NULL, NULL}, {{0}}, 0};
+    struct proto_head table[4];
+    unsigned long long count = 0;
+    Py_ssize_t i, n, n_fast = 0, n_new = 0;
+    unsigned char key[KEY_MAX];
+    int ok = 0;
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "OndKOOO:bridge_batch", &samples, &start,
+                          &now, &default_count, &heads_for, &tos_fields,
+                          &cache)) {
+        return NULL;
+    }
+    if (!PyTuple_Check(tos_fields) || PyTuple_GET_SIZE(tos_fields) != 256) {
+        PyErr_SetString(PyExc_TypeError, "tos_fields: a tuple of 256");
+        return NULL;
+    }
+    seq = PySequence_Fast(samples, "samples must be a sequence");
+    if (!seq) {
+        return NULL;
+    }
+    index = PyObject_GetAttrString(cache, "index");
+    insert = PyObject_GetAttrString(cache, "_insert");
+    arr.objs[TIMES] = PyObject_GetAttrString(cache, "times");
+    arr.objs[COUNTERS] = PyObject_GetAttrString(cache, "counters");
+    arr.objs[SMALL] = PyObject_GetAttrString(cache, "small");
+    if (!index || !insert || !arr.objs[0] || !arr.objs[1] || !arr.objs[2]) {
+        goto out;
+    }
+    if (!PyDict_Check(index)) {
+        PyErr_SetString(PyExc_TypeError, "cache.index must be a dict");
+        goto out;
+    }
+    if (arrays_acquire(&arr) < 0) {
+        goto out;
+    }
+
+    n = PySequence_Fast_GET_SIZE(seq);
+    for (i = start < 0 ? 0 : start; i < n; i++) {
+        PyObject *s = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *in_o, *out_o, *p_o, *f_o, *len_o, *tos, *key_o, *slot_o;
+        const unsigned char *f;
+        const struct proto_head *ph;
+        unsigned long long orig_len, frame_len, ip_len, octets;
+        unsigned long total_len;
+        unsigned int tcp_flags = 0;
+        Py_ssize_t flen, k, slot;
+        int ps;
+
+        if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) < 6) {
+            break;
+        }
+        in_o = PyTuple_GET_ITEM(s, 1);
+        out_o = PyTuple_GET_ITEM(s, 2);
+        p_o = PyTuple_GET_ITEM(s, 3);
+        f_o = PyTuple_GET_ITEM(s, 4);
+        len_o = PyTuple_GET_ITEM(s, 5);
+        if (!PyBytes_Check(f_o) || !PyLong_Check(len_o)) {
+            break;
+        }
+
+        /* Probability and ports repeat from one sample to the next (and
+         * are often the very same objects): convert them only when they
+         * change.  The list keeps every sample, so pointers stay valid. */
+        if (p_o != last_p) {
+            unsigned long long p;
+
+            if (!PyLong_Check(p_o)) {
+                break;
+            }
+            p = PyLong_AsUnsignedLongLong(p_o);
+            if (p == (unsigned long long) -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                break;      /* negative or huge: the general path says */
+            }
+            count = p ? UINT32_MAX_ULL / p : default_count;
+            last_p = p_o;
+        }
+        if (in_o != last_in || out_o != last_out) {
+            PyObject *h = PyObject_CallFunctionObjArgs(heads_for, in_o,
+                                                       out_o, NULL);
+            if (!h) {
+                goto out;
+            }
+            Py_XDECREF(heads);
+            heads = h;
+            if (heads != Py_None) {
+                if (!PyDict_Check(heads)) {
+                    PyErr_SetString(PyExc_TypeError,
+                                    "heads_for must return a dict or None");
+                    goto out;
+                }
+                if (load_heads(heads, table) < 0) {
+                    goto out;
+                }
+            }
+            last_in = in_o;
+            last_out = out_o;
+        }
+        if (heads == Py_None) {
+            break;          /* direction not sampled: counted there */
+        }
+
+        f = (const unsigned char *) PyBytes_AS_STRING(f_o);
+        flen = PyBytes_GET_SIZE(f_o);
+        /* Plain IPv4: EtherType 0x0800, version 4 with a 20-byte header,
+         * not a later fragment (offset 0). */
+        if (flen < MIN_FRAME_LEN || f[12] != 8 || f[13] != 0
+            || f[14] != 0x45 || (f[20] & 0x1F) || f[21]) {
+            break;
+        }
+        ps = proto_slot(f[23]);
+        if (ps < 0 || !table[ps].valid) {
+            break;
+        }
+        ph = &table[ps];
+        /* The whole L4 header must lie inside the IP packet and the
+         * frame (else the general parser zeroes the L4 fields). */
+        total_len = (unsigned long) f[16] << 8 | f[17];
+        if (ph->need > total_len
+            || ph->need + ETH_HEADER_LEN > (unsigned long) flen) {
+            break;
+        }
+        if (f[23] == 17) {
+            unsigned int dport = (unsigned int) f[36] << 8 | f[37];
+            if (dport == BFD_PORT || dport == BFD_ECHO_PORT) {
+                break;
+            }
+        }
+        orig_len = PyLong_AsUnsignedLongLong(len_o);
+        if (orig_len == (unsigned long long) -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            break;
+        }
+        frame_len = orig_len > (unsigned long long) flen
+                    ? orig_len : (unsigned long long) flen;
+        if (frame_len > UINT32_MAX_ULL) {
+            break;          /* cannot be stored; the general path says */
+        }
+        tos = PyTuple_GET_ITEM(tos_fields, f[15]);
+        if (!PyBytes_Check(tos) || PyBytes_GET_SIZE(tos) > 16) {
+            PyErr_SetString(PyExc_TypeError, "tos_fields: bytes items");
+            goto out;
+        }
+
+        /* key = head | src MAC | dst MAC | mid | TTL, protocol
+         *       | DSCP, precedence, ToS | addresses and L4 fields */
+        k = 0;
+        memcpy(key + k, ph->head, ph->head_len);
+        k += ph->head_len;
+        memcpy(key + k, f + 6, 6);
+        k += 6;
+        memcpy(key + k, f, 6);
+        k += 6;
+        memcpy(key + k, ph->mid, ph->mid_len);
+        k += ph->mid_len;
+        memcpy(key + k, f + 22, 2);
+        k += 2;
+        memcpy(key + k, PyBytes_AS_STRING(tos), PyBytes_GET_SIZE(tos));
+        k += PyBytes_GET_SIZE(tos);
+        memcpy(key + k, f + 26, ph->l4_end - 26);
+        k += ph->l4_end - 26;
+        if (ph->is_tcp) {
+            tcp_flags = (unsigned int) (f[46] & 0x0F) << 8 | f[47];
+        }
+        ip_len = frame_len - ETH_HEADER_LEN;
+
+        key_o = PyBytes_FromStringAndSize((const char *) key, k);
+        if (!key_o) {
+            goto out;
+        }
+        slot_o = PyDict_GetItemWithError(index, key_o);
+        if (!slot_o) {
+            PyObject *r;
+
+            if (PyErr_Occurred()) {
+                Py_DECREF(key_o);
+                goto out;
+            }
+            /* A new flow: flowcache.FlowCache._insert, which may grow
+             * the arrays and expire flows. */
+            arrays_release(&arr);
+            r = PyObject_CallFunction(insert, "OdKKKI", key_o, now, count,
+                                      frame_len, ip_len, tcp_flags);
+            Py_DECREF(key_o);
+            if (!r) {
+                goto out;
+            }
+            Py_DECREF(r);
+            if (arrays_acquire(&arr) < 0) {
+                goto out;
+            }
+            n_new++;
+            n_fast++;
+            continue;
+        }
+        slot = PyLong_AsSsize_t(slot_o);
+        Py_DECREF(key_o);
+        if (slot < 0) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "negative cache slot");
+            }
+            goto out;
+        }
+        if ((slot + 1) * 2 > arr.views[TIMES].len / 8
+            || (slot + 1) * 4 > arr.views[COUNTERS].len / 8
+            || (slot + 1) * 3 > arr.views[SMALL].len / 4) {
+            PyErr_SetString(PyExc_IndexError, "cache slot out of range");
+            goto out;
+        }
+        {
+            double *times = (double *) arr.views[TIMES].buf + slot * 2;
+            uint64_t *c = (uint64_t *) arr.views[COUNTERS].buf + slot * 4;
+            uint32_t *m = (uint32_t *) arr.views[SMALL].buf + slot * 3;
+
+            times[1] = now;
+            /* Each counter saturates at 2^64-1 on its own. */
+            sat_add(&c[0], count);
+            sat_add(&c[1], sat_mul(count, frame_len));
+            octets = sat_mul(count, ip_len);
+            sat_add(&c[2], octets);
+            sat_add(&c[3], sat_mul(octets, ip_len));
+            if (ip_len < m[0]) {
+                m[0] = (uint32_t) ip_len;
+            } else if (ip_len > m[1]) {
+                m[1] = (uint32_t) ip_len;
+            }
+            m[2] |= tcp_flags;
+        }
+        n_fast++;
+    }
+    ok = 1;
+
+out:
+    arrays_release(&arr);
+    Py_XDECREF(heads);
+    Py_XDECREF(arr.objs[TIMES]);
+    Py_XDECREF(arr.objs[COUNTERS]);
+    Py_XDECREF(arr.objs[SMALL]);
+    Py_XDECREF(insert);
+    Py_XDECREF(index);
+    Py_DECREF(seq);
+    if (!ok) {
+        return NULL;
+    }
+    return Py_BuildValue("nnn", i, n_fast, n_new);
+}
+
+static PyMethodDef methods[] = {
+    {"bridge_batch", bridge_batch, METH_VARARGS, bridge_batch_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "ovs_ipfix_py._fastpath",
+    "The bridge-sample hot path in C (optional; see exporter.py).",
+    -1,
+    methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__fastpath(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,165 @@
+"""The C fast path (ovs_ipfix_py/_fastpath.c) against the pure-Python one
+and the general path (packet.parse, one sample at a time).
+
+The pure-Python batch path is the specification; the C one must leave
+the cache (keys, slots, every aggregate, the expiry order, expired flows)
+and the statistics exactly as it does, for any mix of samples: frames the
+fast path does not take interleaved with ones it does, per-sample
+probabilities, ports whose direction is not sampled, a cache so small that
+inserting expires, and counters that saturate at 2^64-1.
+"""
+
+import contextlib
+import os
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+from test_exporter import bridge_options, frames
+
+from ovs_ipfix_py import exporter as exporter_mod
+from ovs_ipfix_py.exporter import Exporter
+from ovs_ipfix_py.flowcache import U64_MAX
+from ovs_ipfix_py.options import UINT32_MAX, CacheOptions
+from ovs_ipfix_py.upcall import BridgeSample
+
+C = exporter_mod._fastpath
+
+
+def test_c_fast_path_is_built():
+    """tools/install-deps builds the extension; a silent fallback to pure
+    Python would leave the speed figures and this module's checks
+    meaningless, so say so loudly (OVS_IPFIX_PY_PURE=1 opts out)."""
+    if os.environ.get("OVS_IPFIX_PY_PURE"):
+        pytest.skip("OVS_IPFIX_PY_PURE is set: the C fast path is off")
+    assert C is not None, (
+        "ovs_ipfix_py._fastpath is not built: run tools/install-deps "
+        "(needs a C compiler and the Python headers)")
+    assert exporter_mod.fast_path_name() == "C"
+
+
+needs_c = pytest.mark.skipif(C is None, reason="C fast path not built "
+                             "(test_c_fast_path_is_built fails)")
+
+
+def cache_state(exp):
+    """Everything the cache holds, slot numbers included."""
+    c = exp.cache
+    used = c._next_slot
+    return (dict(c.index), list(c.order), c.times[:2 * used].tolist(),
+            c.counters[:4 * used].tolist(), c.small[:3 * used].tolist(),
+            list(c.expired), sorted(c._free), exp.stats.as_dict())
+
+
+@contextlib.contextmanager
+def pure_python():
+    """The pure-Python fast path for the duration (what
+    OVS_IPFIX_PY_PURE=1 gives at import)."""
+    saved = exporter_mod._fastpath
+    exporter_mod._fastpath = None
+    try:
+        yield
+    finally:
+        exporter_mod._fastpath = saved
+
+
+def run_three(batches, opts):
+    """Feed the same batches to three exporters: C batch path, Python
+    batch path, general path; return their cache states."""
+    c_exp, py_exp, gen_exp = (Exporter(opts, 0.0) for _ in range(3))
+    try:
+        for now, batch in batches:
+            c_exp.sample_bridge_batch(batch, now)
+        with pure_python():
+            for now, batch in batches:
+                py_exp.sample_bridge_batch(batch, now)
+        for now, batch in batches:
+            for s in batch:
+                gen_exp.sample_bridge(s.frame, s.orig_len, s.input_port,
+                                      s.output_port, now, s.probability)
+        return cache_state(c_exp), cache_state(py_exp), cache_state(gen_exp)
+    finally:
+        for e in (c_exp, py_exp, gen_exp):
+            e.close(1e7)
+
+
+SAMPLE = st.tuples(
+    frames(),
+    st.sampled_from([0, 0, 1, 40, UINT32_MAX - 60]),   # extra orig length
+    st.sampled_from([1, 2]),                           # input port
+    st.sampled_from([None, None, 3]),                  # output port
+    st.sampled_from([0, 1, 2, 400, UINT32_MAX]))       # probability
+
+
+@needs_c
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(SAMPLE, min_size=0, max_size=30), min_size=1,
+                max_size=4),
+       st.sampled_from([0, 1, 3, 1000]), st.sampled_from([0, 2, 3600]),
+       st.booleans(), st.booleans())
+def test_c_equals_python_equals_general(batches, max_flows, timeout, in_s,
+                                        out_s):
+    opts = bridge_options(sampling=3, domain=7, point=8,
+                          input_sampling=in_s, output_sampling=out_s,
+                          cache=CacheOptions(timeout, max_flows))
+    fed = [(1.0 + i, [BridgeSample("br0", i_p, o_p, p, f,
+                                   min(len(f) + extra, UINT32_MAX))
+                      for f, extra, i_p, o_p, p in batch])
+           for i, batch in enumerate(batches)]
+    c_state, py_state, gen_state = run_three(fed, opts)
+    assert c_state == py_state
+    # The general path adds one sample at a time: same flows and
+    # aggregates (slots may differ only by the batching, they do not).
+    assert c_state == gen_state
+
+
+@needs_c
+def test_counters_saturate_in_c():
+    """Two samples of 2^32-1 packets of 2^32-1 bytes: the octet counts
+    reach 2^64-1 and stay there; the packet count does not saturate."""
+    import traffic as tr
+    f = tr.ethernet(tr.ipv4(tr.udp(1, 2), proto=17))
+    big = UINT32_MAX
+    s = BridgeSample("br0", 1, None, 1, f, big)
+    opts = bridge_options()
+    c_state, py_state, _ = run_three([(1.0, [s, s, s])], opts)
+    assert c_state == py_state
+    counters = c_state[3]
+    assert counters[0] == 3 * (UINT32_MAX // 1)
+    assert counters[1] == U64_MAX
+    assert counters[3] == U64_MAX
+
+
+@needs_c
+def test_growth_during_a_batch():
+    """More new flows in one call than the arrays have slots: _insert
+    grows them while the C loop holds none of their buffers."""
+    import traffic as tr
+    batch = [BridgeSample("br0", 1, None, 1,
+                          tr.ethernet(tr.ipv4(tr.udp(i & 0xFFFF, i >> 16),
+                                              proto=17)), 60)
+             for i in range(5000)]
+    batch += batch[::-7]
+    opts = bridge_options()
+    c_state, py_state, _ = run_three([(1.0, batch)], opts)
+    assert c_state == py_state
+    assert len(c_state[0]) == 5000
+
+
+@needs_c
+def test_bad_arguments_raise_not_crash():
+    exp = Exporter(bridge_options(), 0.0)
+    try:
+        with pytest.raises(TypeError):
+            C.bridge_batch([], 0, 1.0, 1, exp._heads_for, (b"",) * 3,
+                           exp.cache)
+        with pytest.raises(TypeError):
+            C.bridge_batch(5, 0, 1.0, 1, exp._heads_for,
+                           (b"",) * 256, exp.cache)
+        # Objects that are not BridgeSample tuples stop the C loop at
+        # once; the exporter hands them to the general path.
+        assert C.bridge_batch([object()], 0, 1.0, 1, exp._heads_for,
+                              (b"",) * 256, exp.cache) == (0, 0, 0)
+    finally:
+        exp.close(1.0)

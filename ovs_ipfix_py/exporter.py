@@ -251,9 +251,6 @@ class Exporter:
         if _fastpath is not None:
             self._sample_bridge_batch_c(samples, now)
             return
-        o = self.options
-        domain = o.obs_domain_id
-        point = o.obs_point_id
         heads_for = self._heads_for
         add_many = self.cache.add_many
         # Fast-path samples wait here and go to the cache in one call;

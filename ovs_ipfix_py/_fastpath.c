@@ -449,8 +449,221 @@ out:
     return Py_BuildValue("nnn", i, n_fast, n_new);
 }
 
+/* ------------------------------------------------------------ decoding */
+
+static inline uint32_t
+get_u32(const unsigned char *p)
+{
+    return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16
+           | (uint32_t) p[2] << 8 | p[3];
+}
+
+static inline uint16_t
+get_u16(const unsigned char *p)
+{
+    return (uint16_t) (p[0] << 8 | p[1]);
+}
+
+#define A_FRAME 5
+#define A_ORIG_LEN 6
+
+/* cls(*prefix, frame, orig_len, *suffix), built as tuple.__new__ does
+ * for a tuple subclass (a namedtuple has no __dict__). */
+static PyObject *
+new_upcall(PyObject *hit, const unsigned char *frame, Py_ssize_t flen,
+           unsigned long orig_len)
+{
+    PyTypeObject *cls = (PyTypeObject *) PyTuple_GET_ITEM(hit, 0);
+    PyObject *prefix = PyTuple_GET_ITEM(hit, 1);
+    PyObject *suffix = PyTuple_GET_ITEM(hit, 2);
+    Py_ssize_t np = PyTuple_GET_SIZE(prefix);
+    Py_ssize_t ns = PyTuple_GET_SIZE(suffix);
+    PyObject *u, *f, *ol;
+
+    f = PyBytes_FromStringAndSize((const char *) frame, flen);
+    if (!f) {
+        return NULL;
+    }
+    ol = PyLong_FromUnsignedLong(orig_len);
+    if (!ol) {
+        Py_DECREF(f);
+        return NULL;
+    }
+    u = cls->tp_alloc(cls, np + 2 + ns);
+    if (!u) {
+        Py_DECREF(f);
+        Py_DECREF(ol);
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < np; j++) {
+        PyObject *v = PyTuple_GET_ITEM(prefix, j);
+        Py_INCREF(v);
+        PyTuple_SET_ITEM(u, j, v);
+    }
+    PyTuple_SET_ITEM(u, np, f);
+    PyTuple_SET_ITEM(u, np + 1, ol);
+    for (Py_ssize_t j = 0; j < ns; j++) {
+        PyObject *v = PyTuple_GET_ITEM(suffix, j);
+        Py_INCREF(v);
+        PyTuple_SET_ITEM(u, np + 2 + j, v);
+    }
+    return u;
+}
+
+static int
+valid_hit(PyObject *hit)
+{
+    return PyTuple_CheckExact(hit) && PyTuple_GET_SIZE(hit) == 3
+           && PyType_Check(PyTuple_GET_ITEM(hit, 0))
+           && PyType_IsSubtype((PyTypeObject *) PyTuple_GET_ITEM(hit, 0),
+                               &PyTuple_Type)
+           && PyTuple_CheckExact(PyTuple_GET_ITEM(hit, 1))
+           && PyTuple_CheckExact(PyTuple_GET_ITEM(hit, 2));
+}
+
+PyDoc_STRVAR(decode_hits_doc,
+"decode_hits(datagram, offset, end, caches, out) -> (offset, n)\n"
+"\n"
+"Decode the upcalls of datagram (bytes) from offset, up to end, as\n"
+"long as each one is a hit of the metadata cache: FRAME first, maybe\n"
+"ORIG_LEN second (not below the frame's length), and the bytes after\n"
+"them a key of caches[kind], whose value (cls, prefix, suffix) gives\n"
+"cls(*prefix, frame, orig_len, *suffix).  Appends them to out (a list)\n"
+"and returns the offset of the first upcall it did not decode and how\n"
+"many it did.  This is the inlined cache-hit branch of upcall._decode,\n"
+"which decodes everything else (and counts errors).");
+
+static PyObject *
+decode_hits(PyObject *self, PyObject *args)
+{
+    PyObject *d_o, *caches, *out;
+    Py_ssize_t off, end, n = 0;
+    const unsigned char *d;
+    PyObject *cache = NULL, *last_meta = NULL, *last_hit = NULL;
+    long cache_kind = -1, last_kind = -1;
+    int ok = 0;
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "O!nnO!O!:decode_hits", &PyBytes_Type, &d_o,
+                          &off, &end, &PyDict_Type, &caches, &PyList_Type,
+                          &out)) {
+        return NULL;
+    }
+    if (end > PyBytes_GET_SIZE(d_o)) {
+        end = PyBytes_GET_SIZE(d_o);
+    }
+    if (off < 0) {
+        off = 0;
+    }
+    d = (const unsigned char *) PyBytes_AS_STRING(d_o);
+    while (end - off >= 12) {
+        const unsigned char *u = d + off;
+        uint32_t ulen = get_u32(u);
+        uint16_t kind = get_u16(u + 4);
+        uint16_t alen = get_u16(u + 8);
+        uint16_t atype = get_u16(u + 10);
+        Py_ssize_t uend, a, m;
+        unsigned long orig_len;
+        PyObject *hit, *up;
+
+        if (ulen < 8 || (ulen & 3) || (Py_ssize_t) ulen > end - off) {
+            break;
+        }
+        uend = off + ulen;
+        a = off + 8;
+        if (atype != A_FRAME || a + alen > uend || alen < 4) {
+            break;
+        }
+        m = a + ((alen + 3) & ~3);
+        orig_len = alen - 4;
+        if (m + 8 <= uend && get_u16(d + m) == 8
+            && get_u16(d + m + 2) == A_ORIG_LEN) {
+            orig_len = get_u32(d + m + 4);
+            m += 8;
+        }
+        if (orig_len < (unsigned long) (alen - 4) || m > uend) {
+            break;
+        }
+        if (last_meta && kind == last_kind
+            && PyBytes_GET_SIZE(last_meta) == uend - m
+            && !memcmp(PyBytes_AS_STRING(last_meta), d + m, uend - m)) {
+            hit = last_hit;
+        } else {
+            PyObject *meta;
+
+            if (kind != cache_kind) {
+                PyObject *k = PyLong_FromLong(kind);
+                if (!k) {
+                    goto out;
+                }
+                cache = PyDict_GetItemWithError(caches, k);
+                Py_DECREF(k);
+                if (!cache) {
+                    if (PyErr_Occurred()) {
+                        goto out;
+                    }
+                    break;
+                }
+                if (!PyDict_Check(cache)) {
+                    PyErr_SetString(PyExc_TypeError,
+                                    "metadata caches must be dicts");
+                    goto out;
+                }
+                cache_kind = kind;
+            }
+            meta = PyBytes_FromStringAndSize((const char *) d + m,
+                                             uend - m);
+            if (!meta) {
+                goto out;
+            }
+            hit = PyDict_GetItemWithError(cache, meta);
+            if (!hit) {
+                Py_DECREF(meta);
+                if (PyErr_Occurred()) {
+                    goto out;
+                }
+                break;
+            }
+            if (!valid_hit(hit)) {
+                Py_DECREF(meta);
+                PyErr_SetString(PyExc_TypeError, "bad metadata cache entry");
+                goto out;
+            }
+            /* The cache may be cleared by the caller later, not while
+             * this runs: keep our own references all the same. */
+            Py_INCREF(hit);
+            Py_XDECREF(last_hit);
+            Py_XDECREF(last_meta);
+            last_hit = hit;
+            last_meta = meta;
+            last_kind = kind;
+        }
+        up = new_upcall(hit, d + a + 4, alen - 4, orig_len);
+        if (!up) {
+            goto out;
+        }
+        if (PyList_Append(out, up) < 0) {
+            Py_DECREF(up);
+            goto out;
+        }
+        Py_DECREF(up);
+        off = uend;
+        n++;
+    }
+    ok = 1;
+
+out:
+    Py_XDECREF(last_hit);
+    Py_XDECREF(last_meta);
+    if (!ok) {
+        return NULL;
+    }
+    return Py_BuildValue("nn", off, n);
+}
+
 static PyMethodDef methods[] = {
     {"bridge_batch", bridge_batch, METH_VARARGS, bridge_batch_doc},
+    {"decode_hits", decode_hits, METH_VARARGS, decode_hits_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,12 +16,11 @@ monotonic one, so its timeouts fire late).
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from typing import Dict, List, Optional
 
-from ovs_ipfix_py import flowcache, message, packet
+from ovs_ipfix_py import fastpath, flowcache, message, packet
 from ovs_ipfix_py import templates as t
 from ovs_ipfix_py.collector import MAX_UDP_PAYLOAD, CollectorSet
 from ovs_ipfix_py.flowcache import U64_MAX
@@ -34,21 +33,6 @@ from ovs_ipfix_py.options import (
 from ovs_ipfix_py.ratelimit import RateLimitedLog
 
 log = RateLimitedLog("exporter")
-
-# The optional C fast path (ovs_ipfix_py/_fastpath.c, built at install
-# when a compiler is there).  OVS_IPFIX_PY_PURE=1 keeps it out.
-if os.environ.get("OVS_IPFIX_PY_PURE"):
-    _fastpath = None
-else:
-    try:
-        from ovs_ipfix_py import _fastpath
-    except ImportError:
-        _fastpath = None
-
-
-def fast_path_name() -> str:
-    """Which bridge-sample fast path runs: "C" or "Python"."""
-    return "C" if _fastpath is not None else "Python"
 
 #: Cache key prefix: observation domain id, template id.
 KEY_PREFIX = struct.Struct("!IH")
@@ -246,9 +230,11 @@ class Exporter:
         carrying TCP, UDP, SCTP or ICMP take a fast path that builds the
         key from slices of the frame; ``tests/test_exporter.py`` checks
         that it gives exactly what ``packet.parse`` gives.  Everything
-        else goes through ``packet.parse``.
+        else goes through ``packet.parse``.  The fast path runs in C
+        when ``fastpath.C`` is built (same results:
+        ``tests/test_fastpath.py``), else in the Python below.
         """
-        if _fastpath is not None:
+        if fastpath.C is not None:
             self._sample_bridge_batch_c(samples, now)
             return
         heads_for = self._heads_for
@@ -315,7 +301,7 @@ class Exporter:
         sample_bridge(); then on from the next."""
         if type(samples) is not list:
             samples = list(samples)
-        batch = _fastpath.bridge_batch
+        batch = fastpath.C.bridge_batch
         count = self._count if self.is_bridge else 0
         heads_for = self._heads_for
         tos_fields = packet.TOS_FIELDS

@@ -46,6 +46,8 @@ from typing import (
     Union,
 )
 
+from ovs_ipfix_py import fastpath
+
 MAGIC = 0x4F495058  # "OIPX"
 VERSION = 1
 ALIGNMENT = 4
@@ -537,7 +539,15 @@ def _decode(d: bytes, problems: Optional[list]) -> Tuple[list, int]:
     new = _new
     off = 12
     index = 0
+    accel = fastpath.C
     while off < end:
+        if accel is not None:
+            # The cache-hit branch below, in C, for as many upcalls in a
+            # row as it takes; the one it stops at is decoded here.
+            off, n = accel.decode_hits(d, off, end, caches, upcalls)
+            index += n
+            if off >= end:
+                break
         # The fast path of _decode_upcall, inlined: this loop is the
         # hottest code of the exporter.
         if end - off >= 12:

@@ -316,12 +316,14 @@ def test_run_reads_at_most_max_batch_and_passes_now(server_factory,
     c = client()
     for i in range(5):
         c.sendto(upcall.encode([_bridge(i)]), s.path)
-    assert s.run(now_fn=lambda: 123.5) == 2
-    assert s.got == [([_bridge(0), _bridge(1)], 123.5)]
+    clock = iter([123.5, 124.0])
+    assert s.run(now_fn=lambda: next(clock)) == 2
+    # One handler call per datagram, one clock reading per run.
+    assert s.got == [([_bridge(0)], 123.5), ([_bridge(1)], 123.5)]
     assert s.run() == 2
     assert s.run() == 1
     assert s.run() == 0
-    assert len(s.got) == 3  # no handler call when nothing was read
+    assert len(s.got) == 5  # no handler call when nothing was read
     assert [u.input_port for ups, _ in s.got for u in ups] == \
         [0, 1, 2, 3, 4]
 

@@ -1,12 +1,17 @@
-"""The C fast path (ovs_ipfix_py/_fastpath.c) against the pure-Python one
-and the general path (packet.parse, one sample at a time).
+"""The C fast path (ovs_ipfix_py/_fastpath.c) against the pure-Python one.
 
-The pure-Python batch path is the specification; the C one must leave
-the cache (keys, slots, every aggregate, the expiry order, expired flows)
-and the statistics exactly as it does, for any mix of samples: frames the
-fast path does not take interleaved with ones it does, per-sample
-probabilities, ports whose direction is not sampled, a cache so small that
-inserting expires, and counters that saturate at 2^64-1.
+Aggregation: the pure-Python batch path is the specification (and the
+general path, packet.parse one sample at a time, a second judge); the C
+one must leave the cache (keys, slots, every aggregate, the expiry order,
+expired flows) and the statistics exactly as it does, for any mix of
+samples: frames the fast path does not take interleaved with ones it
+does, per-sample probabilities, ports whose direction is not sampled, a
+cache so small that inserting expires, and counters that saturate at
+2^64-1.
+
+Decoding: upcall.decode with and without the C cache-hit loop gives the
+same upcalls, error counts and problem reports, for intact and damaged
+datagrams, with cold and warm metadata caches.
 """
 
 import contextlib
@@ -16,14 +21,15 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 from test_exporter import bridge_options, frames
+from test_upcall import upcalls
 
-from ovs_ipfix_py import exporter as exporter_mod
+from ovs_ipfix_py import fastpath, upcall
 from ovs_ipfix_py.exporter import Exporter
 from ovs_ipfix_py.flowcache import U64_MAX
 from ovs_ipfix_py.options import UINT32_MAX, CacheOptions
 from ovs_ipfix_py.upcall import BridgeSample
 
-C = exporter_mod._fastpath
+C = fastpath.C
 
 
 def test_c_fast_path_is_built():
@@ -35,7 +41,7 @@ def test_c_fast_path_is_built():
     assert C is not None, (
         "ovs_ipfix_py._fastpath is not built: run tools/install-deps "
         "(needs a C compiler and the Python headers)")
-    assert exporter_mod.fast_path_name() == "C"
+    assert fastpath.name() == "C"
 
 
 needs_c = pytest.mark.skipif(C is None, reason="C fast path not built "
@@ -55,12 +61,12 @@ def cache_state(exp):
 def pure_python():
     """The pure-Python fast path for the duration (what
     OVS_IPFIX_PY_PURE=1 gives at import)."""
-    saved = exporter_mod._fastpath
-    exporter_mod._fastpath = None
+    saved = fastpath.C
+    fastpath.C = None
     try:
         yield
     finally:
-        exporter_mod._fastpath = saved
+        fastpath.C = saved
 
 
 def run_three(batches, opts):
@@ -163,3 +169,58 @@ def test_bad_arguments_raise_not_crash():
                               (b"",) * 256, exp.cache) == (0, 0, 0)
     finally:
         exp.close(1.0)
+
+
+# -- the channel decoder ---------------------------------------------------
+
+def decode_cold_and_warm(d):
+    """decode(d) with empty metadata caches, then again with the caches
+    it filled; with the problems each reported."""
+    for c in upcall._meta_caches.values():
+        c.clear()
+    out = []
+    for _ in range(2):
+        problems = []
+        got = upcall.decode(d, problems)
+        out.append((got, [str(p) for p in problems]))
+    return out
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(st.lists(upcalls(), min_size=1, max_size=12),
+       st.lists(st.tuples(st.integers(0, 10_000),
+                          st.binary(min_size=1, max_size=4)), max_size=3))
+def test_c_decoder_equals_python_decoder(ups, damage):
+    """Same upcalls, same error count, same problems, from intact and
+    damaged datagrams, with cold and warm caches."""
+    d = bytearray(upcall.encode(ups))
+    for where, junk in damage:
+        where %= len(d)
+        d[where:where + len(junk)] = junk
+    d = bytes(d)
+    c_out = decode_cold_and_warm(d)
+    with pure_python():
+        py_out = decode_cold_and_warm(d)
+    assert c_out == py_out
+    if not damage:
+        assert c_out[1][0] == (ups, 0)
+
+
+@needs_c
+def test_c_decoder_takes_repeats_and_leaves_the_rest():
+    """decode_hits stops at the first upcall whose metadata is not
+    cached; what it decodes equals the Python decoder's output."""
+    ups = [BridgeSample("br0", 1, None, 7, bytes([i]) * i, i + 3)
+           for i in range(50)]
+    d = upcall.encode(ups)
+    for c in upcall._meta_caches.values():
+        c.clear()
+    out = []
+    assert C.decode_hits(d, 12, len(d), upcall._meta_caches, out) == (12, 0)
+    assert upcall.decode(d) == (ups, 0)        # fills the cache
+    out = []
+    assert C.decode_hits(d, 12, len(d), upcall._meta_caches, out) == (
+        len(d), 50)
+    assert out == ups
+    assert all(type(u) is BridgeSample for u in out)

@@ -241,15 +241,12 @@ def decode_throughput(samples: Sequence, stream: Sequence,
     batch = exp.sample_bridge_batch
     gc.collect()
     t = time.perf_counter()
-    # As ChannelServer.run: up to 256 datagrams per handler call.
-    for i in range(0, len(datagrams), 256):
-        got: List = []
-        for d in datagrams[i:i + 256]:
-            ups, errors = decode(d)
-            if errors:
-                raise RuntimeError("decode errors: %d" % errors)
-            got += ups
-        batch(got, T0 + i * 1e-3)
+    # As ChannelServer.run: one handler call per datagram.
+    for i, d in enumerate(datagrams):
+        ups, errors = decode(d)
+        if errors:
+            raise RuntimeError("decode errors: %d" % errors)
+        batch(ups, T0 + i * 1e-3)
     took = time.perf_counter() - t
     _check(exp, len(stream), len(samples))
     exp.collectors.close()

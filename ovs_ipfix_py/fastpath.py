@@ -1,0 +1,29 @@
+"""Which hot path runs: the optional C one or pure Python.
+
+``ovs_ipfix_py/_fastpath.c`` (built at install where a C compiler and the
+Python headers are there) holds two loops: the channel decoder's
+cache-hit branch (``upcall._decode``) and the exporter's plain-IPv4
+aggregation (``Exporter.sample_bridge_batch``).  The Python code is their
+specification and runs whenever the extension is missing;
+``tests/test_fastpath.py`` checks that both give identical results.
+
+``C`` is the extension module, or None: not built, or the environment
+sets ``OVS_IPFIX_PY_PURE=1`` (read once, at import).  Callers read
+``fastpath.C`` at call time, so tests can switch it.
+"""
+
+from __future__ import annotations
+
+import os
+
+C = None
+if not os.environ.get("OVS_IPFIX_PY_PURE"):
+    try:
+        from ovs_ipfix_py import _fastpath as C
+    except ImportError:
+        C = None
+
+
+def name() -> str:
+    """"C" or "Python": the hot path in use."""
+    return "C" if C is not None else "Python"

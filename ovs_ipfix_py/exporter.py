@@ -36,9 +36,16 @@ log = RateLimitedLog("exporter")
 
 #: Cache key prefix: observation domain id, template id.
 KEY_PREFIX = struct.Struct("!IH")
-_AGG = struct.Struct("!IIQQB")
-_IP_AGG = struct.Struct("!QQQQ")
-_TCP_AGG = struct.Struct("!H")
+#: The aggregates after a record's key, one pack per record, by (IP
+#: layout, TCP layout): flowStart/EndDeltaMicroseconds, packetDeltaCount,
+#: layer2OctetDeltaCount, flowEndReason; then for IP octetDeltaCount,
+#: octetDeltaSumOfSquares, minimum/maximumIpTotalLength; then for TCP
+#: tcpControlBits (templates.py lists the same elements).
+_AGG_LAYOUT = {
+    (False, False): struct.Struct("!IIQQB").pack,
+    (True, False): struct.Struct("!IIQQBQQQQ").pack,
+    (True, True): struct.Struct("!IIQQBQQQQH").pack,
+}
 _STATS_RECORD = struct.Struct("!IQQQ")
 _BFD_PORTS = (3784, 3785)
 _BFD_DPORTS = (b"\x0e\xc8", b"\x0e\xc9")
@@ -427,32 +434,47 @@ class Exporter:
         if not flows:
             return
         et_us = message.export_time(now) * 1000000
-        by_domain: Dict[int, Dict[int, List]] = {}
-        get_template = t.get
-        vobs, vobs_offset = self._vobs, self._vobs_offset
+        # Flows grouped by their key's first 6 bytes (domain, template
+        # id), in expiry order within each group.
+        groups: Dict[bytes, List] = {}
         for f in flows:
-            domain, tid = KEY_PREFIX.unpack_from(f.key)
+            prefix = f.key[:6]
+            g = groups.get(prefix)
+            if g is None:
+                g = groups[prefix] = []
+            g.append(f)
+        vobs, vobs_offset = self._vobs, self._vobs_offset
+        by_domain: Dict[int, List] = {}
+        for prefix, group in groups.items():
+            domain, tid = KEY_PREFIX.unpack(prefix)
             tid += vobs_offset
-            start_delta = et_us - int(round(f.start * 1e6))
-            end_delta = et_us - int(round(f.end * 1e6))
-            rec = f.key[6:] + vobs + _AGG.pack(
-                _clamp32(start_delta), _clamp32(end_delta), f.packets,
-                f.l2_octets, f.reason)
-            template = get_template(tid)
-            if template.l3:
-                rec += _IP_AGG.pack(f.octets, f.sumsq, f.min_len, f.max_len)
-                if template.l4 == t.L4_TCP:
-                    rec += _TCP_AGG.pack(f.tcp_flags)
-            octets = f.octets if template.l3 else f.l2_octets
-            by_domain.setdefault(domain, {}).setdefault(tid, []).append(
-                (rec, (f.packets, octets)))
+            template = t.get(tid)
+            ip = bool(template.l3)
+            tcp = template.l4 == t.L4_TCP
+            pack = _AGG_LAYOUT[ip, tcp]
+            recs = []
+            append = recs.append
+            for f in group:
+                sd = _clamp32(et_us - int(round(f.start * 1e6)))
+                ed = _clamp32(et_us - int(round(f.end * 1e6)))
+                if tcp:
+                    agg = pack(sd, ed, f.packets, f.l2_octets, f.reason,
+                               f.octets, f.sumsq, f.min_len, f.max_len,
+                               f.tcp_flags)
+                elif ip:
+                    agg = pack(sd, ed, f.packets, f.l2_octets, f.reason,
+                               f.octets, f.sumsq, f.min_len, f.max_len)
+                else:
+                    agg = pack(sd, ed, f.packets, f.l2_octets, f.reason)
+                # Accounting for the not-sent totals: packets and the
+                # octets the template reports.
+                append((f.key[6:] + vobs + agg,
+                        (f.packets, f.octets if ip else f.l2_octets)))
+            by_domain.setdefault(domain, []).append(
+                (tid, template.record, recs))
         self.stats.records += len(flows)
-        for domain, groups in by_domain.items():
-            msgs = self.writer.data_messages(
-                domain, now,
-                [(tid, get_template(tid).record, recs)
-                 for tid, recs in groups.items()])
-            for msg in msgs:
+        for domain, tgroups in by_domain.items():
+            for msg in self.writer.data_messages(domain, now, tgroups):
                 self._send(msg)
 
     def _domains(self) -> List[int]:

@@ -37,7 +37,7 @@ import ovs.unixctl.server
 import ovs.util
 import ovs.vlog
 
-from ovs_ipfix_py import __version__
+from ovs_ipfix_py import __version__, fastpath
 from ovs_ipfix_py.channel import ChannelServer
 from ovs_ipfix_py.config import ConfigReader
 from ovs_ipfix_py.ratelimit import RateLimitedLog
@@ -171,6 +171,7 @@ class Daemon:
                       self.unmatched_samples))
         out.append("ovsdb: %s" % ("connected" if self.config.connected
                                   else "not connected"))
+        out.append("fast path: %s" % fastpath.name())
         return "\n".join(out) + "\n"
 
     def shutdown(self) -> None:

@@ -344,6 +344,7 @@ class Show:
         self.order = []
         self.channel = {}
         self.ovsdb = None
+        self.fast_path = None
 
 
 def parse_show(text):
@@ -381,6 +382,8 @@ def parse_show(text):
                 show.channel[name.replace(" ", "_")] = int(value)
         elif line.startswith("ovsdb: "):
             show.ovsdb = line[len("ovsdb: "):]
+        elif line.startswith("fast path: "):
+            show.fast_path = line[len("fast path: "):]
         elif line.startswith("no IPFIX exporter on bridge "):
             pass
         else:

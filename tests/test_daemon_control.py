@@ -28,7 +28,7 @@ from test_daemon import (
 )
 from traffic import ethernet, ipv4, many_flows, traffic_mix, truth_of, udp
 
-from ovs_ipfix_py import upcall
+from ovs_ipfix_py import fastpath, upcall
 from ovs_ipfix_py.pcap import write_pcap
 
 
@@ -161,6 +161,8 @@ def test_show_counters_bridge_filter_and_flush(env):
                             "malformed_datagrams": 0,
                             "malformed_upcalls": 0, "no_exporter": 0}
     assert show.ovsdb == "connected"
+    # The daemon runs the hot path this test process would run.
+    assert show.fast_path == fastpath.name()
     for key, frames in ((("br0", None), f0), (("br1", None), f1),
                         (("br0", 5), f5)):
         want = expected_counters(frames)

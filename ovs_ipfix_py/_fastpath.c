@@ -61,9 +61,10 @@ proto_slot(unsigned char proto)
     }
 }
 
-/* The cache's three arrays (flowcache.FlowCache), held as buffers.  A
- * held buffer stops array.array from resizing, so they are released
- * around every call back into Python (_insert may grow them). */
+/* The cache's three arrays (flowcache.FlowCache.times, .counters,
+ * .small: typed memoryviews), held as buffers.  They are released around
+ * every call back into Python and fetched again after it: _insert may
+ * grow the cache, which replaces them. */
 struct arrays {
     PyObject *objs[3];
     Py_buffer views[3];
@@ -81,21 +82,33 @@ arrays_release(struct arrays *a)
         }
         a->held = 0;
     }
+    for (int i = 0; i < 3; i++) {
+        Py_CLEAR(a->objs[i]);
+    }
 }
 
 static int
-arrays_acquire(struct arrays *a)
+arrays_acquire(struct arrays *a, PyObject *cache)
 {
+    static const char *names[3] = {"times", "counters", "small"};
     static const char formats[3] = {'d', 'Q', 'I'};
     static const Py_ssize_t sizes[3] = {8, 8, 4};
 
     for (int i = 0; i < 3; i++) {
+        a->objs[i] = PyObject_GetAttrString(cache, names[i]);
+        if (!a->objs[i]) {
+            arrays_release(a);
+            return -1;
+        }
+    }
+    for (int i = 0; i < 3; i++) {
         Py_buffer *v = &a->views[i];
         if (PyObject_GetBuffer(a->objs[i], v,
-                               PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+                               PyBUF_CONTIG | PyBUF_FORMAT) < 0) {
             while (--i >= 0) {
                 PyBuffer_Release(&a->views[i]);
             }
+            arrays_release(a);
             return -1;
         }
         if (v->itemsize != sizes[i] || !v->format
@@ -104,9 +117,10 @@ arrays_acquire(struct arrays *a)
             while (--i >= 0) {
                 PyBuffer_Release(&a->views[i]);
             }
+            arrays_release(a);
             PyErr_SetString(PyExc_TypeError,
-                            "flow cache arrays must be array('d'), "
-                            "array('Q') (8 bytes) and array('I') (4 bytes)");
+                            "flow cache arrays must hold 'd', 'Q' (8 "
+                            "bytes) and 'I' (4 bytes) items");
             return -1;
         }
     }
@@ -224,17 +238,14 @@ bridge_batch(PyObject *self, PyObject *args)
     }
     index = PyObject_GetAttrString(cache, "index");
     insert = PyObject_GetAttrString(cache, "_insert");
-    arr.objs[TIMES] = PyObject_GetAttrString(cache, "times");
-    arr.objs[COUNTERS] = PyObject_GetAttrString(cache, "counters");
-    arr.objs[SMALL] = PyObject_GetAttrString(cache, "small");
-    if (!index || !insert || !arr.objs[0] || !arr.objs[1] || !arr.objs[2]) {
+    if (!index || !insert) {
         goto out;
     }
     if (!PyDict_Check(index)) {
         PyErr_SetString(PyExc_TypeError, "cache.index must be a dict");
         goto out;
     }
-    if (arrays_acquire(&arr) < 0) {
+    if (arrays_acquire(&arr, cache) < 0) {
         goto out;
     }
 
@@ -390,7 +401,7 @@ bridge_batch(PyObject *self, PyObject *args)
                 goto out;
             }
             Py_DECREF(r);
-            if (arrays_acquire(&arr) < 0) {
+            if (arrays_acquire(&arr, cache) < 0) {
                 goto out;
             }
             n_new++;
@@ -437,9 +448,6 @@ bridge_batch(PyObject *self, PyObject *args)
 out:
     arrays_release(&arr);
     Py_XDECREF(heads);
-    Py_XDECREF(arr.objs[TIMES]);
-    Py_XDECREF(arr.objs[COUNTERS]);
-    Py_XDECREF(arr.objs[SMALL]);
     Py_XDECREF(insert);
     Py_XDECREF(index);
     Py_DECREF(seq);

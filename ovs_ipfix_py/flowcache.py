@@ -3,9 +3,12 @@
 Flows are keyed by their encoded key bytes (observation domain and
 template id first, then the data record's key part), so export writes
 the key out as it is.  Aggregates live in three typed arrays, grouped
-by flow and indexed by a slot number: about 60 bytes a flow instead of
+by flow and indexed by a slot number: 60 bytes a flow instead of
 several hundred for a list of Python ints, which keeps a million-flow
-cache near 200 bytes a flow in all.
+cache under 250 bytes a flow in all.  The arrays are typed views of one
+anonymous memory mapping, not heap blocks: a page is resident once a
+flow has used it, and growing (a new mapping twice the size, the old
+one unmapped) leaves no hole in the heap behind.
 
 Expiry follows OVS's dpif_ipfix_cache_expire(): flows leave oldest
 started first, so a FIFO of keys in start order is all the index
@@ -24,7 +27,7 @@ clock.
 
 from __future__ import annotations
 
-from array import array
+import mmap
 from collections import deque
 from typing import List, NamedTuple, Optional
 
@@ -37,6 +40,12 @@ LACK_OF_RESOURCES = 5
 
 U64_MAX = 0xFFFFFFFFFFFFFFFF
 U32_MAX = 0xFFFFFFFF
+#: Bytes of the arrays per slot: 2 doubles, 4 u64, 3 u32.
+SLOT_BYTES = 2 * 8 + 4 * 8 + 3 * 4
+
+# A typed memoryview refuses a value out of its range with ValueError
+# (array.array: OverflowError); either means the counter saturates.
+_OVERFLOW = (OverflowError, ValueError)
 
 
 class ExpiredFlow(NamedTuple):
@@ -81,28 +90,33 @@ class FlowCache:
         # not nine: times[2s:2s+2] = start, end (s);
         # counters[4s:4s+4] = packets, l2_octets, octets, sumsq;
         # small[3s:3s+3] = min_len, max_len, tcp_flags.
-        self.times = array("d")
-        self.counters = array("Q")
-        self.small = array("I")
-        self._grow(initial_slots)
+        # (memoryviews: indexing, slices and tolist() as arrays; growing
+        # replaces them, so callers re-read them after _insert.)
+        self.times = self.counters = self.small = None
+        self._grow(max(1, initial_slots))
 
     def __len__(self) -> int:
         return len(self.index)
 
     def _grow(self, extra: int) -> None:
-        for a, stride in ((self.times, 2), (self.counters, 4),
-                          (self.small, 3)):
-            a.frombytes(bytes(extra * stride * a.itemsize))
-        self._capacity += extra
-
-    def _new_slot(self) -> int:
-        if self._free:
-            return self._free.pop()
-        if self._next_slot == self._capacity:
-            self._grow(max(1024, self._capacity))
-        slot = self._next_slot
-        self._next_slot += 1
-        return slot
+        """Room for ``extra`` more slots: a new mapping holding the three
+        arrays, the used part copied over; the old one goes when its
+        last view does."""
+        cap = self._capacity + extra
+        # Zero-filled by the kernel; pages untouched stay unallocated.
+        buf = memoryview(mmap.mmap(-1, cap * SLOT_BYTES))
+        t_end = cap * 16
+        c_end = t_end + cap * 32
+        times = buf[:t_end].cast("d")
+        counters = buf[t_end:c_end].cast("Q")
+        small = buf[c_end:].cast("I")
+        used = self._next_slot
+        if used:
+            times[:2 * used] = self.times[:2 * used]
+            counters[:4 * used] = self.counters[:4 * used]
+            small[:3 * used] = self.small[:3 * used]
+        self.times, self.counters, self.small = times, counters, small
+        self._capacity = cap
 
     def add(self, key: bytes, now: float, count: int, frame_len: int,
             ip_len: int, tcp_flags: int) -> bool:
@@ -132,6 +146,10 @@ class FlowCache:
             if slot is None:
                 self._insert(key, now, count, frame_len, ip_len, tcp_flags)
                 new += 1
+                # _insert may have grown the arrays (new views).
+                times = self.times
+                counters = self.counters
+                small = self.small
                 continue
             times[(slot << 1) + 1] = now
             c = slot << 2
@@ -140,21 +158,21 @@ class FlowCache:
             # the counters that did not (try costs nothing until raised).
             try:
                 counters[c] += count
-            except OverflowError:
+            except _OVERFLOW:
                 counters[c] = U64_MAX
             try:
                 counters[c + 1] += count * frame_len
-            except OverflowError:
+            except _OVERFLOW:
                 counters[c + 1] = U64_MAX
             if ip_len:
                 octets = count * ip_len
                 try:
                     counters[c + 2] += octets
-                except OverflowError:
+                except _OVERFLOW:
                     counters[c + 2] = U64_MAX
                 try:
                     counters[c + 3] += octets * ip_len
-                except OverflowError:
+                except _OVERFLOW:
                     counters[c + 3] = U64_MAX
             m = slot * 3
             if ip_len < small[m]:
@@ -166,19 +184,38 @@ class FlowCache:
         return new
 
     def _insert(self, key, now, count, frame_len, ip_len, tcp_flags):
-        slot = self._new_slot()
-        self.index[key] = slot
+        """A new flow (the arguments as add()); expires what no longer
+        fits.  Item by item, no temporaries: a cache filling with new
+        flows spends its time here."""
+        if self._free:
+            slot = self._free.pop()
+        else:
+            slot = self._next_slot
+            if slot == self._capacity:
+                self._grow(max(1024, self._capacity))
+            self._next_slot = slot + 1
+        index = self.index
+        index[key] = slot
         self.order.append(key)
+        times = self.times
         t = slot << 1
-        self.times[t:t + 2] = array("d", (now, now))
-        octets = count * ip_len
+        times[t] = now
+        times[t + 1] = now
+        counters = self.counters
         c = slot << 2
-        self.counters[c:c + 4] = array("Q", (
-            min(U64_MAX, count), min(U64_MAX, count * frame_len),
-            min(U64_MAX, octets), min(U64_MAX, octets * ip_len)))
+        counters[c] = count if count < U64_MAX else U64_MAX
+        v = count * frame_len
+        counters[c + 1] = v if v < U64_MAX else U64_MAX
+        octets = count * ip_len
+        counters[c + 2] = octets if octets < U64_MAX else U64_MAX
+        v = octets * ip_len
+        counters[c + 3] = v if v < U64_MAX else U64_MAX
+        small = self.small
         m = slot * 3
-        self.small[m:m + 3] = array("I", (ip_len, ip_len, tcp_flags))
-        if len(self.index) > self.max_flows:
+        small[m] = ip_len
+        small[m + 1] = ip_len
+        small[m + 2] = tcp_flags
+        if len(index) > self.max_flows:
             self.expire(now)
 
     def _remove_oldest(self, reason: int) -> None:

@@ -41,6 +41,8 @@ import bench_e2e  # noqa: E402
 import bench_inprocess  # noqa: E402
 from bench_inprocess import label  # noqa: E402
 
+from ovs_ipfix_py import fastpath  # noqa: E402
+
 TARGET_SAMPLES_PER_S = 1_000_000
 TARGET_BYTES_PER_FLOW = 250
 TARGET_EXPIRY_RATIO = 2.0
@@ -116,11 +118,11 @@ def machine() -> str:
     # Other work on the machine moves the figures: say how busy it was.
     load = "%.2f %.2f %.2f" % os.getloadavg()
     return ("%s UTC; %d cores (os.cpu_count), CPU %s; Python %s; "
-            "Linux %s; load average %s; commit %s"
+            "Linux %s; load average %s; commit %s; fast path %s"
             % (datetime.datetime.now(datetime.timezone.utc)
                .strftime("%Y-%m-%d %H:%M:%S"), os.cpu_count() or 0, model,
                platform.python_version(), platform.release(), load,
-               commit))
+               commit, fastpath.name()))
 
 
 # -- part 1 ----------------------------------------------------------------
@@ -170,6 +172,17 @@ def part1(table: Table, quick: bool, say) -> None:
                 % bench_inprocess.BATCH
                 + (", then Exporter.flush" if kind == "encode" else ""),
                 note)
+    p = res["pure"]
+    i += 1
+    table.add("1.%d" % i,
+              "parse+cache samples/s, %s flows, uniform, pure Python"
+              % label(p["flows"]),
+              _n(p["stream_len"] / p["ingest_s"]), "-", None,
+              cmd + "   # as 1.4, with fastpath.C off (what "
+              "OVS_IPFIX_PY_PURE=1 gives)",
+              "as row 1.4 with the C fast path off: what runs where "
+              "ovs_ipfix_py/_fastpath.c is not built; median of %d"
+              % p["reps"])
     d = res["decode"]
     i += 1
     table.add("1.%d" % i,
@@ -178,8 +191,8 @@ def part1(table: Table, quick: bool, say) -> None:
               _n(d["stream_len"] / d["ingest_s"]), "-", None,
               cmd + "   # upcall.decode of pack_batches datagrams, then "
               "sample_bridge_batch",
-              "%s samples in %s datagrams of <= 65000 bytes, 256 "
-              "datagrams per handler call, as ChannelServer.run"
+              "%s samples in %s datagrams of <= 65000 bytes, one "
+              "handler call per datagram, as ChannelServer.run"
               % (_n(d["stream_len"]), _n(d["datagrams"])))
     m = res["memory"]
     per_tm = m["tracemalloc"] / m["flows"]
@@ -192,10 +205,11 @@ def part1(table: Table, quick: bool, say) -> None:
               "<= %d" % TARGET_BYTES_PER_FLOW,
               worst <= TARGET_BYTES_PER_FLOW,
               "python3 tools/bench_inprocess.py memory %d" % m["flows"],
-              "the larger of: tracemalloc delta %.0f B/flow, RSS delta "
-              "%.0f B/flow, around filling a fresh exporter (keys, dict, "
-              "deque, arrays, everything) in a child process"
-              % (per_tm, per_rss))
+              "the larger of: tracemalloc delta + the arrays' mapping "
+              "%.0f B/flow (of which mapped %.0f), RSS delta %.0f B/flow, "
+              "around filling a fresh exporter (keys, dict, deque, arrays, "
+              "everything) in a child process"
+              % (per_tm, m["mapped"] / m["flows"], per_rss))
     n_exp = sizes.expire_n
     small, big = res["expiry_small"], res["expiry_big"]
     for key, what, how in (

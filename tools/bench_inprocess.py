@@ -43,7 +43,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from ovs_ipfix_py import upcall  # noqa: E402
+from ovs_ipfix_py import fastpath, flowcache, upcall  # noqa: E402
 from ovs_ipfix_py.exporter import Exporter  # noqa: E402
 from ovs_ipfix_py.options import (  # noqa: E402
     UINT32_MAX,
@@ -286,10 +286,13 @@ def memory_child(n_flows: int) -> Dict:
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     _check(exp, n_flows, n_flows)
+    # The aggregates live in a memory mapping, which tracemalloc does
+    # not see: add the part the flows use.
+    mapped = len(exp.cache) * flowcache.SLOT_BYTES
     exp.collectors.close()
     sink.close()
-    return {"flows": n_flows, "tracemalloc": after - before,
-            "rss": rss1 - rss0}
+    return {"flows": n_flows, "tracemalloc": after - before + mapped,
+            "mapped": mapped, "rss": rss1 - rss0}
 
 
 def memory_per_flow(n_flows: int) -> Dict:
@@ -381,6 +384,20 @@ def run(sizes: Sizes, progress=None) -> Dict:
             }
             res["throughput"][n] = row
             del uni, bur
+        # The pure-Python path on the same stream, for comparison (what
+        # runs where the C extension is not built).
+        n = sizes.flows[1]
+        say("parse+cache at %s flows, pure Python" % label(n))
+        samples = pool[:n]
+        uni = uniform_stream(samples, max(sizes.picks, n))
+        saved, fastpath.C = fastpath.C, None
+        try:
+            res["pure"] = dict(median_run(
+                lambda s=samples, u=uni: throughput(s, u, sink, False), 3),
+                flows=n, stream_len=len(uni))
+        finally:
+            fastpath.C = saved
+        del uni
         n = sizes.decode_flows
         say("decode+parse+cache at %s flows" % label(n))
         samples = pool[:n]

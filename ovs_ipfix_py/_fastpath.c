@@ -21,6 +21,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -87,20 +88,13 @@ arrays_release(struct arrays *a)
     }
 }
 
+/* Holds the buffers of a->objs (references owned by *a). */
 static int
-arrays_acquire(struct arrays *a, PyObject *cache)
+arrays_hold(struct arrays *a)
 {
-    static const char *names[3] = {"times", "counters", "small"};
     static const char formats[3] = {'d', 'Q', 'I'};
     static const Py_ssize_t sizes[3] = {8, 8, 4};
 
-    for (int i = 0; i < 3; i++) {
-        a->objs[i] = PyObject_GetAttrString(cache, names[i]);
-        if (!a->objs[i]) {
-            arrays_release(a);
-            return -1;
-        }
-    }
     for (int i = 0; i < 3; i++) {
         Py_buffer *v = &a->views[i];
         if (PyObject_GetBuffer(a->objs[i], v,
@@ -126,6 +120,22 @@ arrays_acquire(struct arrays *a, PyObject *cache)
     }
     a->held = 1;
     return 0;
+}
+
+/* Fetches cache.times, .counters and .small and holds their buffers. */
+static int
+arrays_acquire(struct arrays *a, PyObject *cache)
+{
+    static const char *names[3] = {"times", "counters", "small"};
+
+    for (int i = 0; i < 3; i++) {
+        a->objs[i] = PyObject_GetAttrString(cache, names[i]);
+        if (!a->objs[i]) {
+            arrays_release(a);
+            return -1;
+        }
+    }
+    return arrays_hold(a);
 }
 
 static inline uint64_t
@@ -762,9 +772,283 @@ out:
     return Py_BuildValue("nn", off, n);
 }
 
+/* ------------------------------------------------------------ export */
+
+static inline unsigned char *
+put_u64(unsigned char *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (unsigned char) v;
+        v >>= 8;
+    }
+    return p + 8;
+}
+
+static inline unsigned char *
+put_u32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char) (v >> 24);
+    p[1] = (unsigned char) (v >> 16);
+    p[2] = (unsigned char) (v >> 8);
+    p[3] = (unsigned char) v;
+    return p + 4;
+}
+
+/* Python's int(round(x)) for a float: halves to even. */
+static double
+round_half_even(double x)
+{
+    double r = round(x);
+
+    if (fabs(x - r) == 0.5) {
+        r = 2.0 * round(x / 2.0);
+    }
+    return r;
+}
+
+/* *out = et_us - int(round(t * 1e6)), clamped to unsigned32 as
+ * exporter._clamp32 does.  -1 (OverflowError) for a time no clock
+ * gives. */
+static int
+delta_us(long long et_us, double t, uint32_t *out)
+{
+    double r = round_half_even(t * 1e6);
+    long long v;
+
+    if (!isfinite(r) || fabs(r) > 4e18) {
+        PyErr_SetString(PyExc_OverflowError, "flow time out of range");
+        return -1;
+    }
+    v = et_us - (long long) r;
+    *out = v < 0 ? 0 : v > (long long) UINT32_MAX ? UINT32_MAX
+                                                  : (uint32_t) v;
+    return 0;
+}
+
+/* Expired-flow fields (flowcache.ExpiredFlow) after the key. */
+enum { F_KEY, F_START, F_END, F_PACKETS, F_L2, F_OCTETS, F_SUMSQ,
+       F_MIN, F_MAX, F_FLAGS, F_REASON, F_COUNT };
+
+PyDoc_STRVAR(pack_records_doc,
+"pack_records(flows, et_us, vobs, ip, tcp) -> (data, packets, octets)\n"
+"\n"
+"exporter.pack_records in C: the data records of expired flows of one\n"
+"template (flowcache.ExpiredFlow, keys of equal length), back to back,\n"
+"and per record its packets and octets (IP octets when ip, else\n"
+"layer-2 octets) for the not-sent totals.");
+
+static PyObject *
+pack_records(PyObject *self, PyObject *args)
+{
+    PyObject *flows, *seq, *vobs, *data = NULL, *packets = NULL;
+    PyObject *octets = NULL, *result = NULL;
+    long long et_us;
+    int ip, tcp;
+    Py_ssize_t n, key_len = -1, rec_len, vobs_len;
+    unsigned char *p;
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "OLO!pp:pack_records", &flows, &et_us,
+                          &PyBytes_Type, &vobs, &ip, &tcp)) {
+        return NULL;
+    }
+    seq = PySequence_Fast(flows, "flows must be a sequence");
+    if (!seq) {
+        return NULL;
+    }
+    n = PySequence_Fast_GET_SIZE(seq);
+    vobs_len = PyBytes_GET_SIZE(vobs);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *f = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *key;
+
+        if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) < F_COUNT
+            || !PyBytes_Check(PyTuple_GET_ITEM(f, F_KEY))) {
+            PyErr_SetString(PyExc_TypeError, "flows: ExpiredFlow tuples");
+            goto out;
+        }
+        key = PyTuple_GET_ITEM(f, F_KEY);
+        if (key_len < 0) {
+            key_len = PyBytes_GET_SIZE(key);
+        }
+        if (PyBytes_GET_SIZE(key) != key_len || key_len < 6) {
+            PyErr_SetString(PyExc_ValueError,
+                            "flows of one template: keys of one length");
+            goto out;
+        }
+    }
+    rec_len = (key_len < 0 ? 6 : key_len) - 6 + vobs_len + 25
+              + (ip ? 32 : 0) + (ip && tcp ? 2 : 0);
+    data = PyBytes_FromStringAndSize(NULL, n * rec_len);
+    packets = PyList_New(n);
+    octets = PyList_New(n);
+    if (!data || !packets || !octets) {
+        goto out;
+    }
+    p = (unsigned char *) PyBytes_AS_STRING(data);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *f = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *o;
+        double start, end;
+        uint32_t sd, ed;
+        unsigned long long v[F_COUNT];
+
+        start = PyFloat_AsDouble(PyTuple_GET_ITEM(f, F_START));
+        end = PyFloat_AsDouble(PyTuple_GET_ITEM(f, F_END));
+        for (int j = F_PACKETS; j < F_COUNT; j++) {
+            v[j] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(f, j));
+        }
+        if (PyErr_Occurred() || delta_us(et_us, start, &sd) < 0
+            || delta_us(et_us, end, &ed) < 0) {
+            goto out;
+        }
+        memcpy(p, PyBytes_AS_STRING(PyTuple_GET_ITEM(f, F_KEY)) + 6,
+               key_len - 6);
+        p += key_len - 6;
+        memcpy(p, PyBytes_AS_STRING(vobs), vobs_len);
+        p += vobs_len;
+        /* flowStart/EndDeltaMicroseconds, packetDeltaCount,
+         * layer2OctetDeltaCount, flowEndReason (exporter._AGG_LAYOUT) */
+        p = put_u32(p, sd);
+        p = put_u32(p, ed);
+        p = put_u64(p, v[F_PACKETS]);
+        p = put_u64(p, v[F_L2]);
+        *p++ = (unsigned char) v[F_REASON];
+        if (ip) {
+            p = put_u64(p, v[F_OCTETS]);
+            p = put_u64(p, v[F_SUMSQ]);
+            p = put_u64(p, v[F_MIN]);
+            p = put_u64(p, v[F_MAX]);
+            if (tcp) {
+                p[0] = (unsigned char) (v[F_FLAGS] >> 8);
+                p[1] = (unsigned char) v[F_FLAGS];
+                p += 2;
+            }
+        }
+        o = PyTuple_GET_ITEM(f, F_PACKETS);
+        Py_INCREF(o);
+        PyList_SET_ITEM(packets, i, o);
+        o = PyTuple_GET_ITEM(f, ip ? F_OCTETS : F_L2);
+        Py_INCREF(o);
+        PyList_SET_ITEM(octets, i, o);
+    }
+    result = PyTuple_Pack(3, data, packets, octets);
+
+out:
+    Py_XDECREF(data);
+    Py_XDECREF(packets);
+    Py_XDECREF(octets);
+    Py_DECREF(seq);
+    return result;
+}
+
+PyDoc_STRVAR(expired_flows_doc,
+"expired_flows(cls, keys, slots, times, counters, small, reason) -> list\n"
+"\n"
+"cls(key, start, end, packets, l2_octets, octets, sumsq, min_len,\n"
+"max_len, tcp_flags, reason) for each key and its slot, read from the\n"
+"flow cache's arrays (flowcache.FlowCache.flush in C).  cls: the\n"
+"flowcache.ExpiredFlow namedtuple.");
+
+static PyObject *
+expired_flows(PyObject *self, PyObject *args)
+{
+    PyObject *cls_o, *keys, *slots, *reason, *list = NULL;
+    PyTypeObject *cls;
+    struct arrays arr = {{NULL, NULL, NULL}, {{0}}, 0};
+    Py_ssize_t n;
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "O!O!O!OOOO:expired_flows", &PyType_Type,
+                          &cls_o, &PyList_Type, &keys, &PyList_Type,
+                          &slots, &arr.objs[TIMES], &arr.objs[COUNTERS],
+                          &arr.objs[SMALL], &reason)) {
+        return NULL;
+    }
+    cls = (PyTypeObject *) cls_o;
+    if (!PyType_IsSubtype(cls, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "cls must be a tuple subclass");
+        return NULL;
+    }
+    n = PyList_GET_SIZE(keys);
+    if (PyList_GET_SIZE(slots) != n) {
+        PyErr_SetString(PyExc_ValueError, "one slot per key");
+        return NULL;
+    }
+    /* Borrowed from the arguments: references of our own, since
+     * arrays_release drops them. */
+    for (int i = 0; i < 3; i++) {
+        Py_INCREF(arr.objs[i]);
+    }
+    if (arrays_hold(&arr) < 0) {
+        return NULL;
+    }
+    list = PyList_New(n);
+    if (!list) {
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t slot = PyLong_AsSsize_t(PyList_GET_ITEM(slots, i));
+        const double *t;
+        const uint64_t *c;
+        const uint32_t *m;
+        PyObject *f, *v[11];
+        int j;
+
+        if (slot < 0 || (slot + 1) * 2 > arr.views[TIMES].len / 8
+            || (slot + 1) * 4 > arr.views[COUNTERS].len / 8
+            || (slot + 1) * 3 > arr.views[SMALL].len / 4) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_IndexError, "slot out of range");
+            }
+            Py_CLEAR(list);
+            goto out;
+        }
+        t = (const double *) arr.views[TIMES].buf + slot * 2;
+        c = (const uint64_t *) arr.views[COUNTERS].buf + slot * 4;
+        m = (const uint32_t *) arr.views[SMALL].buf + slot * 3;
+        v[0] = PyList_GET_ITEM(keys, i);
+        Py_INCREF(v[0]);
+        v[1] = PyFloat_FromDouble(t[0]);
+        v[2] = PyFloat_FromDouble(t[1]);
+        for (j = 0; j < 4; j++) {
+            v[3 + j] = PyLong_FromUnsignedLongLong(c[j]);
+        }
+        for (j = 0; j < 3; j++) {
+            v[7 + j] = PyLong_FromUnsignedLong(m[j]);
+        }
+        v[10] = reason;
+        Py_INCREF(reason);
+        f = cls->tp_alloc(cls, 11);
+        for (j = 0; j < 11; j++) {
+            if (!v[j] || !f) {
+                break;
+            }
+        }
+        if (j < 11 || !f) {
+            for (j = 0; j < 11; j++) {
+                Py_XDECREF(v[j]);
+            }
+            Py_XDECREF(f);
+            Py_CLEAR(list);
+            goto out;
+        }
+        for (j = 0; j < 11; j++) {
+            PyTuple_SET_ITEM(f, j, v[j]);
+        }
+        PyList_SET_ITEM(list, i, f);
+    }
+
+out:
+    arrays_release(&arr);
+    return list;
+}
+
 static PyMethodDef methods[] = {
     {"bridge_batch", bridge_batch, METH_VARARGS, bridge_batch_doc},
     {"decode_hits", decode_hits, METH_VARARGS, decode_hits_doc},
+    {"pack_records", pack_records, METH_VARARGS, pack_records_doc},
+    {"expired_flows", expired_flows, METH_VARARGS, expired_flows_doc},
     {NULL, NULL, 0, NULL},
 };
 

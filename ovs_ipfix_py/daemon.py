@@ -257,7 +257,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """The loop allocates many short-lived, acyclic objects (a sample
     tuple per upcall, a record per exported flow); the flow cache itself
     holds no tracked objects but its dict and deque.  Move what start-up
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     ovs.daemon.daemonize_complete()
     vlog.info("%s %s started (db %s, channel %s)"
               % (PROGRAM, __version__, db, args.channel or default_channel()))
-    _tune_gc()
+    tune_gc()
 
     while not d.exiting:
         d.run_once()

@@ -449,29 +449,15 @@ class Exporter:
             domain, tid = KEY_PREFIX.unpack(prefix)
             tid += vobs_offset
             template = t.get(tid)
-            ip = bool(template.l3)
-            tcp = template.l4 == t.L4_TCP
-            pack = _AGG_LAYOUT[ip, tcp]
-            recs = []
-            append = recs.append
-            for f in group:
-                sd = _clamp32(et_us - int(round(f.start * 1e6)))
-                ed = _clamp32(et_us - int(round(f.end * 1e6)))
-                if tcp:
-                    agg = pack(sd, ed, f.packets, f.l2_octets, f.reason,
-                               f.octets, f.sumsq, f.min_len, f.max_len,
-                               f.tcp_flags)
-                elif ip:
-                    agg = pack(sd, ed, f.packets, f.l2_octets, f.reason,
-                               f.octets, f.sumsq, f.min_len, f.max_len)
-                else:
-                    agg = pack(sd, ed, f.packets, f.l2_octets, f.reason)
-                # Accounting for the not-sent totals: packets and the
-                # octets the template reports.
-                append((f.key[6:] + vobs + agg,
-                        (f.packets, f.octets if ip else f.l2_octets)))
+            pack = fastpath.C.pack_records if fastpath.C else pack_records
+            data, packets, octets = pack(group, et_us, vobs,
+                                         bool(template.l3),
+                                         template.l4 == t.L4_TCP)
+            # (Every record of a template has the same length, the
+            # virtualObsID string included.)
             by_domain.setdefault(domain, []).append(
-                (tid, template.record, recs))
+                (tid, template.record, message.RecordBlock(
+                    data, len(data) // len(group), packets, octets)))
         self.stats.records += len(flows)
         for domain, tgroups in by_domain.items():
             for msg in self.writer.data_messages(domain, now, tgroups):
@@ -510,12 +496,10 @@ class Exporter:
         st.tx_errs += err
         if not len(self.collectors):
             err = 1   # nowhere to send: the records are lost
-        if err and msg.data_records:
-            st.not_sent_flows += err * len(msg.data_records)
-            st.not_sent_packets += err * sum(
-                p for p, _ in msg.data_records)
-            st.not_sent_octets += err * sum(
-                o for _, o in msg.data_records)
+        if err and msg.flows:
+            st.not_sent_flows += err * msg.flows
+            st.not_sent_packets += err * msg.packets
+            st.not_sent_octets += err * msg.octets
 
     # -- introspection ----------------------------------------------------
 
@@ -541,6 +525,35 @@ class Exporter:
             lines.append("%sbad target %s: %s" % (" " * len(head), spec,
                                                   why))
         return "\n".join(lines)
+
+
+def pack_records(flows, et_us: int, vobs: bytes, ip: bool, tcp: bool):
+    """Data records of expired flows of one template, back to back:
+    ``(data, packets, octets)``, the last two per record (octets: IP
+    octets for IP layouts, layer-2 octets otherwise) for the not-sent
+    totals.  ``et_us``: the message's export time in microseconds, which
+    the delta timestamps count back from; ``vobs``: the encoded
+    virtualObsID, or b"".  (``fastpath.C.pack_records`` does the same in
+    C; tests/test_fastpath.py checks both.)"""
+    pack = _AGG_LAYOUT[ip, tcp]
+    recs = []
+    packets = []
+    octets = []
+    for f in flows:
+        sd = _clamp32(et_us - int(round(f.start * 1e6)))
+        ed = _clamp32(et_us - int(round(f.end * 1e6)))
+        if tcp:
+            agg = pack(sd, ed, f.packets, f.l2_octets, f.reason, f.octets,
+                       f.sumsq, f.min_len, f.max_len, f.tcp_flags)
+        elif ip:
+            agg = pack(sd, ed, f.packets, f.l2_octets, f.reason, f.octets,
+                       f.sumsq, f.min_len, f.max_len)
+        else:
+            agg = pack(sd, ed, f.packets, f.l2_octets, f.reason)
+        recs.append(f.key[6:] + vobs + agg)
+        packets.append(f.packets)
+        octets.append(f.octets if ip else f.l2_octets)
+    return b"".join(recs), packets, octets
 
 
 def _clamp32(value: int) -> int:

@@ -31,6 +31,8 @@ import mmap
 from collections import deque
 from typing import List, NamedTuple, Optional
 
+from ovs_ipfix_py import fastpath
+
 # flowEndReason values (RFC 7012, IANA registry).
 IDLE_TIMEOUT = 1
 ACTIVE_TIMEOUT = 2
@@ -260,26 +262,29 @@ class FlowCache:
         """Expire every flow with reason forced end."""
         # _remove_oldest for every flow, in one pass: the index and the
         # order are emptied at the end instead of one entry at a time.
-        order = self.order
-        index = self.index
-        times = self.times
-        counters = self.counters
-        small = self.small
-        append = self.expired.append
-        for key in order:
-            slot = index[key]
-            t = slot << 1
-            c = slot << 2
-            m = slot * 3
-            append(ExpiredFlow(
-                key, times[t], times[t + 1], counters[c], counters[c + 1],
-                counters[c + 2], counters[c + 3], small[m], small[m + 1],
-                small[m + 2], FORCED_END))
-        n = len(order)
-        order.clear()
-        index.clear()
+        keys = list(self.order)
+        slots = list(map(self.index.__getitem__, keys))
+        if fastpath.C is not None:
+            self.expired += fastpath.C.expired_flows(
+                ExpiredFlow, keys, slots, self.times, self.counters,
+                self.small, FORCED_END)
+        else:
+            times = self.times
+            counters = self.counters
+            small = self.small
+            append = self.expired.append
+            for key, slot in zip(keys, slots):
+                t = slot << 1
+                c = slot << 2
+                m = slot * 3
+                append(ExpiredFlow(
+                    key, times[t], times[t + 1], counters[c],
+                    counters[c + 1], counters[c + 2], counters[c + 3],
+                    small[m], small[m + 1], small[m + 2], FORCED_END))
+        self.order.clear()
+        self.index.clear()
         self._reset_slots()
-        return n
+        return len(keys)
 
     def _reset_slots(self) -> None:
         # An empty cache reuses its slots from the start, which keeps

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Sequence, Tuple
 
 IPFIX_VERSION = 10
 SET_ID_TEMPLATE = 2
@@ -44,11 +44,27 @@ def export_time(now: float) -> int:
 
 class Message(bytes):
     """An encoded message; ``domain`` and ``records`` (data records in it,
-    options data included) ride along for accounting."""
+    options data included) ride along for accounting, and for the flow
+    records it carries from :class:`RecordBlock` groups: how many
+    (``flows``) and their ``packets`` and ``octets`` totals (what is
+    not sent if the message is lost, RFC 7011 section 4.3)."""
 
     domain: int = 0
     records: int = 0
-    data_records: Tuple = ()
+    flows: int = 0
+    packets: int = 0
+    octets: int = 0
+
+
+class RecordBlock(NamedTuple):
+    """Data records of one template, each ``length`` bytes, back to back
+    in ``data``; ``packets`` and ``octets`` give each record's counts
+    for the not-sent totals.  Messages take them a slice at a time."""
+
+    data: bytes
+    length: int
+    packets: Sequence[int]
+    octets: Sequence[int]
 
 
 class DomainState:
@@ -126,11 +142,9 @@ class MessageWriter:
         """Messages carrying ``groups`` of data records in one domain.
 
         Each group is (template id, template record, records), records
-        being encoded data records (bytes), optionally paired with an
-        accounting value: items are ``bytes`` or ``(bytes, obj)``; the
-        objects of records in a message are listed in its
-        ``data_records``.  A template not yet sent in this domain goes
-        first, in the same message as its first data.  ``options``:
+        being a list of encoded data records (bytes) or a
+        :class:`RecordBlock`.  A template not yet sent in this domain
+        goes first, in the same message as its first data.  ``options``:
         the templates are options templates (set id 3).
         """
         state = self.domain(domain_id)
@@ -143,7 +157,10 @@ class MessageWriter:
                 if state.last_refresh is None:
                     state.last_refresh = now
                 builder.add_templates(set_id, [template_record])
-            builder.add_data(tid, records)
+            if isinstance(records, RecordBlock):
+                builder.add_block(tid, records)
+            else:
+                builder.add_data(tid, records)
         return builder.finish()
 
 
@@ -159,7 +176,9 @@ class _Builder:
         self._parts: List[bytes] = []
         self._size = HEADER.size
         self._records = 0
-        self._objs: List = []
+        self._flows = 0
+        self._packets = 0
+        self._octets = 0
         self._set_id = None
         self._set_parts: List[bytes] = []
         self._set_size = 0
@@ -184,16 +203,18 @@ class _Builder:
                       + body)
         msg.domain = self.domain_id
         msg.records = self._records
-        msg.data_records = tuple(self._objs)
+        msg.flows = self._flows
+        msg.packets = self._packets
+        msg.octets = self._octets
         self.state.sequence = (self.state.sequence + self._records) \
             & U32_MASK
         self.messages.append(msg)
         self._parts = []
         self._size = HEADER.size
         self._records = 0
-        self._objs = []
+        self._flows = self._packets = self._octets = 0
 
-    def _add(self, set_id, record, is_data, obj=None):
+    def _add(self, set_id, record, is_data):
         length = len(record)
         extra = length if self._set_id == set_id else \
             length + SET_HEADER.size
@@ -211,19 +232,44 @@ class _Builder:
         self._size += extra
         if is_data:
             self._records += 1
-            if obj is not None:
-                self._objs.append(obj)
 
     def add_templates(self, set_id, records):
         for record in records:
             self._add(set_id, record, False)
 
     def add_data(self, tid, records):
-        for item in records:
-            if isinstance(item, tuple):
-                self._add(tid, item[0], True, item[1])
-            else:
-                self._add(tid, item, True)
+        for record in records:
+            self._add(tid, record, True)
+
+    def add_block(self, tid, block: RecordBlock):
+        """The records of ``block`` in as few messages as fit: a slice
+        of the block per message, the same bytes and boundaries as
+        adding them one by one."""
+        data, length = block.data, block.length
+        n = len(data) // length
+        i = 0
+        while i < n:
+            extra = 0 if self._set_id == tid else SET_HEADER.size
+            k = (self.max_size - self._size - extra) // length
+            if k <= 0:
+                if self._size == HEADER.size:
+                    raise ValueError("a record of %d bytes cannot fit a "
+                                     "message of %d bytes"
+                                     % (length, self.max_size))
+                self._close_message()
+                continue
+            k = min(k, n - i)
+            if extra:
+                self._close_set()
+                self._set_id = tid
+            self._set_parts.append(data[i * length:(i + k) * length])
+            self._set_size += k * length
+            self._size += k * length + extra
+            self._records += k
+            self._flows += k
+            self._packets += sum(block.packets[i:i + k])
+            self._octets += sum(block.octets[i:i + k])
+            i += k
 
     def finish(self) -> List[Message]:
         self._close_message()

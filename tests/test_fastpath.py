@@ -12,6 +12,9 @@ cache so small that inserting expires, and counters that saturate at
 Decoding: upcall.decode with and without the C cache-hit loop gives the
 same upcalls, error counts and problem reports, for intact and damaged
 datagrams, with cold and warm metadata caches.
+
+Export: C pack_records gives the bytes and per-record counts of
+exporter.pack_records, timestamps rounded the same way (halves to even).
 """
 
 import contextlib
@@ -24,8 +27,8 @@ from test_exporter import bridge_options, frames
 from test_upcall import upcalls
 
 from ovs_ipfix_py import fastpath, upcall
-from ovs_ipfix_py.exporter import Exporter
-from ovs_ipfix_py.flowcache import U64_MAX
+from ovs_ipfix_py.exporter import Exporter, pack_records
+from ovs_ipfix_py.flowcache import U64_MAX, ExpiredFlow
 from ovs_ipfix_py.options import UINT32_MAX, CacheOptions
 from ovs_ipfix_py.upcall import BridgeSample
 
@@ -52,9 +55,9 @@ def cache_state(exp):
     """Everything the cache holds, slot numbers included."""
     c = exp.cache
     used = c._next_slot
-    return (dict(c.index), list(c.order), c.times[:2 * used].tolist(),
+    return [dict(c.index), list(c.order), c.times[:2 * used].tolist(),
             c.counters[:4 * used].tolist(), c.small[:3 * used].tolist(),
-            list(c.expired), sorted(c._free), exp.stats.as_dict())
+            list(c.expired), sorted(c._free), exp.stats.as_dict()]
 
 
 @contextlib.contextmanager
@@ -83,7 +86,15 @@ def run_three(batches, opts):
             for s in batch:
                 gen_exp.sample_bridge(s.frame, s.orig_len, s.input_port,
                                       s.output_port, now, s.probability)
-        return cache_state(c_exp), cache_state(py_exp), cache_state(gen_exp)
+        states = [cache_state(e) for e in (c_exp, py_exp, gen_exp)]
+        # Then a flush (FlowCache.flush: C expired_flows, or Python).
+        c_exp.cache.flush(1e6)
+        with pure_python():
+            py_exp.cache.flush(1e6)
+            gen_exp.cache.flush(1e6)
+        for state, e in zip(states, (c_exp, py_exp, gen_exp)):
+            state.append(e.cache.take_expired())
+        return states
     finally:
         for e in (c_exp, py_exp, gen_exp):
             e.close(1e7)
@@ -224,3 +235,45 @@ def test_c_decoder_takes_repeats_and_leaves_the_rest():
         len(d), 50)
     assert out == ups
     assert all(type(u) is BridgeSample for u in out)
+
+
+# -- export: records from expired flows --------------------------------
+
+U64 = st.one_of(st.integers(0, 3), st.integers(0, U64_MAX),
+                st.just(U64_MAX))
+TIMES = st.one_of(
+    st.floats(0, 2e9, allow_nan=False),
+    # Exact half microseconds: Python's round() takes them to even.
+    st.integers(0, 2 ** 40).map(lambda k: (k + 0.5) / 1e6),
+    st.just(1.7e9 + 0.5e-6))
+
+
+@st.composite
+def expired_groups(draw):
+    key_len = draw(st.sampled_from([6, 26, 48, 84]))
+    keys = st.binary(min_size=key_len, max_size=key_len)
+    flows = draw(st.lists(st.builds(
+        ExpiredFlow, keys, TIMES, TIMES, U64, U64, U64, U64,
+        st.integers(0, UINT32_MAX), st.integers(0, UINT32_MAX),
+        st.integers(0, 0xFFFF), st.integers(1, 5)), max_size=20))
+    return flows
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(expired_groups(), st.integers(0, 2 ** 32 - 1),
+       st.sampled_from([b"", b"\x03abc", b"\x00"]),
+       st.sampled_from([(False, False), (True, False), (True, True)]))
+def test_c_pack_records_equals_python(flows, export_s, vobs, layout):
+    et_us = export_s * 1_000_000
+    ip, tcp = layout
+    assert C.pack_records(flows, et_us, vobs, ip, tcp) == \
+        pack_records(flows, et_us, vobs, ip, tcp)
+
+
+@needs_c
+def test_c_pack_records_refuses_mixed_key_lengths():
+    f = ExpiredFlow(bytes(10), 1.0, 2.0, 1, 2, 3, 4, 5, 6, 7, 4)
+    with pytest.raises(ValueError):
+        C.pack_records([f, f._replace(key=bytes(11))], 10 ** 6, b"",
+                       True, True)

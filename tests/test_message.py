@@ -348,3 +348,56 @@ def test_delta_timestamps_never_negative_never_wrapped(collector):
         assert session.messages[0].export_time == 7200
     finally:
         exp.close(7201.0)
+
+
+# -- record blocks ----------------------------------------------------
+
+@pytest.mark.parametrize("max_size", [512, 1400, 9000])
+@pytest.mark.parametrize("counts", [(1,), (37,), (5, 200), (0, 3, 64)])
+def test_record_block_makes_the_messages_records_one_by_one_make(
+        max_size, counts):
+    """A RecordBlock is cut into the same messages, set boundaries and
+    sequence numbers as the same records added one at a time, and each
+    message carries its records' packet and octet totals."""
+    groups_list, groups_block = [], []
+    for tag, (tid, n) in enumerate(zip((TCP4, UDP4, TCP4), counts)):
+        recs = records(tid, n, tag)
+        groups_list.append((tid, t.get(tid).record, recs))
+        packets = [tag * 1000 + i for i in range(n)]
+        octets = [7 * p + 1 for p in packets]
+        groups_block.append((tid, t.get(tid).record, message.RecordBlock(
+            b"".join(recs), t.get(tid).data_length, packets, octets)))
+    by_list = message.MessageWriter(max_size).data_messages(
+        4, 10.0, groups_list)
+    by_block = message.MessageWriter(max_size).data_messages(
+        4, 10.0, groups_block)
+    assert [bytes(m) for m in by_block] == [bytes(m) for m in by_list]
+    assert [m.records for m in by_block] == [m.records for m in by_list]
+    assert all(len(m) <= max_size for m in by_block)
+    # Totals per message, against the records each message holds.
+    want = {}
+    for _tid, _rec, block in groups_block:
+        for i in range(len(block.packets)):
+            rec = block.data[i * block.length:(i + 1) * block.length]
+            want[rec] = (block.packets[i], block.octets[i])
+    for m in by_block:
+        body = bytes(m)
+        held = []
+        pos = 16
+        while pos < len(body):
+            set_id, length = struct.unpack_from("!HH", body, pos)
+            if set_id >= 256:       # a data set, not a template set
+                size = t.get(set_id).data_length
+                for r in range(pos + 4, pos + length, size):
+                    held.append(want[body[r:r + size]])
+            pos += length
+        assert m.flows == len(held) == m.records
+        assert m.packets == sum(p for p, _ in held)
+        assert m.octets == sum(o for _, o in held)
+
+
+def test_record_block_too_long_for_any_message():
+    w = message.MessageWriter(512)
+    block = message.RecordBlock(bytes(600), 600, [1], [1])
+    with pytest.raises(ValueError):
+        w.data_messages(1, 1.0, [(TCP4, t.get(TCP4).record, block)])

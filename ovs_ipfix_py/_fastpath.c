@@ -1,22 +1,27 @@
 /*
- * ovs_ipfix_py._fastpath: the bridge-sample hot path in C (optional).
+ * ovs_ipfix_py._fastpath: the hottest loops in C (optional).
  *
- * One function, bridge_batch(), does for plain IPv4 samples exactly what
- * the pure-Python fast path in exporter.Exporter.sample_bridge_batch
- * does: build the flow key from slices of the frame, look it up in the
- * flow cache's index (a Python dict) and update the flow's aggregates in
- * the cache's typed arrays.  A new flow goes back to Python through the
- * cache's _insert(), so slot allocation, the expiry order and max_flows
- * stay in one place (flowcache.py).  At the first sample it does not
- * take (anything but plain IPv4 TCP/UDP/SCTP/ICMP, an unsampled
- * direction, an object of an unexpected type) it stops and says where:
- * the caller hands that sample to the general path and calls again, so
- * samples are aggregated in order.
+ * Each function does exactly what a piece of Python does, faster; the
+ * Python is the specification and runs wherever this module is not
+ * built (no compiler) or OVS_IPFIX_PY_PURE=1 is set (fastpath.py).
+ * tests/test_fastpath.py checks with hypothesis that both give the same
+ * results.
  *
- * Python (exporter.py) is the specification: tests/test_fastpath.py
- * checks with hypothesis that both give identical caches and counters.
- * Importing this module is optional; without it (no compiler, or
- * OVS_IPFIX_PY_PURE=1) the pure-Python path runs.
+ * - decode_hits(): the channel decoder's loop over upcalls whose
+ *   metadata it has seen before (upcall._decode's cache-hit branch).
+ * - bridge_batch(): plain IPv4 bridge samples into the flow cache
+ *   (Exporter.sample_bridge_batch's fast path): the key built from
+ *   slices of the frame, looked up in the cache's index (a Python dict),
+ *   the flow's aggregates updated in the cache's typed arrays.  A new
+ *   flow is inserted here when that is all there is to it (a free slot,
+ *   no expiry); otherwise it goes to FlowCache._insert, so growth and
+ *   max_flows expiry stay in flowcache.py.  At the first sample it does
+ *   not take (anything but plain IPv4 TCP/UDP/SCTP/ICMP, an unsampled
+ *   direction, an object of an unexpected type) it stops and says
+ *   where: the caller hands that sample to the general path and calls
+ *   again, so samples are aggregated in order.
+ * - expired_flows(): FlowCache.flush's ExpiredFlow records.
+ * - pack_records(): exporter.pack_records, data records of one template.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -390,6 +395,159 @@ apply_update(const struct arrays *a, const struct taken *t, double now)
     m[2] |= t->tcp_flags;
 }
 
+/* A new flow, inserted here as flowcache.FlowCache._insert does when
+ * nothing else has to happen: a free slot (the free list's last, else
+ * the next unused one) within the arrays, and room under max_flows (no
+ * expiry).  Anything else goes to _insert itself.  The cache's fields
+ * are read on the first new flow of a call and again after each call
+ * to _insert. */
+struct inserter {
+    int loaded;
+    PyObject *free;                 /* owned: cache._free (a list) */
+    PyObject *order_append;         /* owned: cache.order.append */
+    Py_ssize_t next_slot, capacity, max_flows;
+};
+
+static void
+inserter_clear(struct inserter *ins)
+{
+    Py_CLEAR(ins->free);
+    Py_CLEAR(ins->order_append);
+    ins->loaded = 0;
+}
+
+static Py_ssize_t
+attr_ssize(PyObject *o, const char *name)
+{
+    PyObject *v = PyObject_GetAttrString(o, name);
+    Py_ssize_t n;
+
+    if (!v) {
+        return -1;
+    }
+    n = PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    if (n == -1 && PyErr_Occurred()
+        && PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        PyErr_Clear();
+        n = PY_SSIZE_T_MAX;         /* a max_flows beyond any cache */
+    }
+    return n;
+}
+
+static int
+inserter_load(struct inserter *ins, PyObject *cache)
+{
+    PyObject *order;
+
+    inserter_clear(ins);
+    ins->free = PyObject_GetAttrString(cache, "_free");
+    order = PyObject_GetAttrString(cache, "order");
+    if (!ins->free || !order) {
+        Py_XDECREF(order);
+        inserter_clear(ins);
+        return -1;
+    }
+    ins->order_append = PyObject_GetAttrString(order, "append");
+    Py_DECREF(order);
+    ins->next_slot = attr_ssize(cache, "_next_slot");
+    ins->capacity = attr_ssize(cache, "_capacity");
+    ins->max_flows = attr_ssize(cache, "max_flows");
+    if (!ins->order_append || PyErr_Occurred()) {
+        inserter_clear(ins);
+        return -1;
+    }
+    if (!PyList_Check(ins->free)) {
+        inserter_clear(ins);
+        PyErr_SetString(PyExc_TypeError, "cache._free must be a list");
+        return -1;
+    }
+    ins->loaded = 1;
+    return 0;
+}
+
+/* 1: inserted; 0: not the simple case (call _insert); -1: error. */
+static int
+insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
+           const struct arrays *a, const struct taken *t, double now)
+{
+    Py_ssize_t nfree, slot;
+    PyObject *slot_o, *r;
+    int from_free;
+
+    if (!ins->loaded && inserter_load(ins, cache) < 0) {
+        return -1;
+    }
+    if (PyDict_GET_SIZE(index) + 1 > ins->max_flows) {
+        return 0;                   /* _insert expires */
+    }
+    nfree = PyList_GET_SIZE(ins->free);
+    from_free = nfree > 0;
+    if (from_free) {
+        slot_o = PyList_GET_ITEM(ins->free, nfree - 1);
+        Py_INCREF(slot_o);
+        slot = PyLong_AsSsize_t(slot_o);
+    } else {
+        if (ins->next_slot >= ins->capacity) {
+            return 0;               /* _insert grows the arrays */
+        }
+        slot = ins->next_slot;
+        slot_o = PyLong_FromSsize_t(slot);
+        if (!slot_o) {
+            return -1;
+        }
+    }
+    if (slot < 0 || (slot + 1) * 2 > a->views[TIMES].len / 8
+        || (slot + 1) * 4 > a->views[COUNTERS].len / 8
+        || (slot + 1) * 3 > a->views[SMALL].len / 4) {
+        Py_DECREF(slot_o);
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_IndexError, "cache slot out of range");
+        }
+        return -1;
+    }
+    if (PyDict_SetItem(index, t->key, slot_o) < 0) {
+        Py_DECREF(slot_o);
+        return -1;
+    }
+    Py_DECREF(slot_o);
+    if (from_free) {
+        if (PyList_SetSlice(ins->free, nfree - 1, nfree, NULL) < 0) {
+            return -1;
+        }
+    } else {
+        PyObject *next = PyLong_FromSsize_t(slot + 1);
+        int e = next ? PyObject_SetAttrString(cache, "_next_slot", next)
+                     : -1;
+
+        Py_XDECREF(next);
+        if (e < 0) {
+            return -1;
+        }
+        ins->next_slot = slot + 1;
+    }
+    r = PyObject_CallOneArg(ins->order_append, t->key);
+    if (!r) {
+        return -1;
+    }
+    Py_DECREF(r);
+    {
+        double *times = (double *) a->views[TIMES].buf + slot * 2;
+        uint64_t *c = (uint64_t *) a->views[COUNTERS].buf + slot * 4;
+        uint32_t *m = (uint32_t *) a->views[SMALL].buf + slot * 3;
+        uint64_t octets = sat_mul(t->count, t->ip_len);
+
+        times[0] = times[1] = now;
+        c[0] = t->count;
+        c[1] = sat_mul(t->count, t->frame_len);
+        c[2] = octets;
+        c[3] = sat_mul(octets, t->ip_len);
+        m[0] = m[1] = (uint32_t) t->ip_len;
+        m[2] = t->tcp_flags;
+    }
+    return 1;
+}
+
 /* Samples are looked up GROUP at a time: their keys are built first,
  * then the dictionary lookups run back to back and each found flow's
  * cache lines are prefetched, then the updates.  With 100k flows nearly
@@ -421,6 +579,7 @@ bridge_batch(PyObject *self, PyObject *args)
     struct batch_state st;
     struct arrays arr = {{NULL, NULL, NULL}, {{0}}, 0};
     struct taken g[GROUP];
+    struct inserter ins = {0, NULL, NULL, 0, 0, 0};
     Py_ssize_t i, n, n_fast = 0, n_new = 0;
     int ng = 0, ok = 0;
 
@@ -512,22 +671,31 @@ bridge_batch(PyObject *self, PyObject *args)
         }
         n_fast += miss;
         if (miss < ng) {
-            /* A new flow: flowcache.FlowCache._insert, which may grow
-             * the arrays and expire flows.  The samples taken after it
-             * are taken again (one of them may be the same flow). */
+            /* A new flow.  The samples taken after it are taken again
+             * (one of them may be the same flow). */
             struct taken *t = &g[miss];
-            PyObject *r;
+            int r = insert_new(&ins, cache, index, &arr, t, now);
 
-            arrays_release(&arr);
-            r = PyObject_CallFunction(insert, "OdKKKI", t->key, now,
-                                      t->count, t->frame_len, t->ip_len,
-                                      t->tcp_flags);
-            if (!r) {
+            if (r < 0) {
                 goto out;
             }
-            Py_DECREF(r);
-            if (arrays_acquire(&arr, cache) < 0) {
-                goto out;
+            if (r == 0) {
+                /* flowcache.FlowCache._insert, which may grow the
+                 * arrays and expire flows. */
+                PyObject *res;
+
+                arrays_release(&arr);
+                inserter_clear(&ins);
+                res = PyObject_CallFunction(insert, "OdKKKI", t->key, now,
+                                            t->count, t->frame_len,
+                                            t->ip_len, t->tcp_flags);
+                if (!res) {
+                    goto out;
+                }
+                Py_DECREF(res);
+                if (arrays_acquire(&arr, cache) < 0) {
+                    goto out;
+                }
             }
             n_new++;
             n_fast++;
@@ -550,6 +718,7 @@ out:
         Py_CLEAR(g[j].key);
     }
     arrays_release(&arr);
+    inserter_clear(&ins);
     Py_XDECREF(st.heads);
     Py_XDECREF(insert);
     Py_XDECREF(index);

@@ -143,6 +143,15 @@ arrays_acquire(struct arrays *a, PyObject *cache)
     return arrays_hold(a);
 }
 
+/* Whether slot's items lie inside the held arrays. */
+static inline int
+slot_in_range(const struct arrays *a, Py_ssize_t slot)
+{
+    return slot >= 0 && (slot + 1) * 2 <= a->views[TIMES].len / 8
+           && (slot + 1) * 4 <= a->views[COUNTERS].len / 8
+           && (slot + 1) * 3 <= a->views[SMALL].len / 4;
+}
+
 static inline uint64_t
 sat_mul(uint64_t a, uint64_t b)
 {
@@ -497,9 +506,7 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
             return -1;
         }
     }
-    if (slot < 0 || (slot + 1) * 2 > a->views[TIMES].len / 8
-        || (slot + 1) * 4 > a->views[COUNTERS].len / 8
-        || (slot + 1) * 3 > a->views[SMALL].len / 4) {
+    if (!slot_in_range(a, slot)) {
         Py_DECREF(slot_o);
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_IndexError, "cache slot out of range");
@@ -650,9 +657,7 @@ bridge_batch(PyObject *self, PyObject *args)
                 }
                 goto out;
             }
-            if ((slot + 1) * 2 > arr.views[TIMES].len / 8
-                || (slot + 1) * 4 > arr.views[COUNTERS].len / 8
-                || (slot + 1) * 3 > arr.views[SMALL].len / 4) {
+            if (!slot_in_range(&arr, slot)) {
                 PyErr_SetString(PyExc_IndexError, "cache slot out of range");
                 goto out;
             }
@@ -1164,9 +1169,7 @@ expired_flows(PyObject *self, PyObject *args)
         PyObject *f, *v[11];
         int j;
 
-        if (slot < 0 || (slot + 1) * 2 > arr.views[TIMES].len / 8
-            || (slot + 1) * 4 > arr.views[COUNTERS].len / 8
-            || (slot + 1) * 3 > arr.views[SMALL].len / 4) {
+        if (!slot_in_range(&arr, slot)) {
             if (!PyErr_Occurred()) {
                 PyErr_SetString(PyExc_IndexError, "slot out of range");
             }

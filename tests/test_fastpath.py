@@ -300,6 +300,7 @@ def test_pure_python_path_passes_the_core_tests():
          "-x", os.path.join(here, "test_exporter.py"),
          os.path.join(here, "test_flowcache.py"),
          os.path.join(here, "test_upcall.py")],
-        env=env, capture_output=True, text=True, timeout=600, cwd=here)
+        env=env, capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(here))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout

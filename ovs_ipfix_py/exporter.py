@@ -305,7 +305,9 @@ class Exporter:
     def _sample_bridge_batch_c(self, samples, now: float) -> None:
         """sample_bridge_batch through the C fast path: it aggregates
         samples up to the first it does not take, which goes to
-        sample_bridge(); then on from the next."""
+        sample_bridge(), with the ones after it that are no plain IPv4
+        (a call into C costs as much as its set-up: IPv6 or VLAN
+        traffic must not pay it per sample); then C again."""
         if type(samples) is not list:
             samples = list(samples)
         batch = fastpath.C.bridge_batch
@@ -322,11 +324,15 @@ class Exporter:
             st.pkts += fast
             st.ipv4_ok += fast
             st.flows += new
-            if i < n:
+            while i < n:
                 s = samples[i]
                 self.sample_bridge(s.frame, s.orig_len, s.input_port,
                                    s.output_port, now, s.probability)
                 i += 1
+                # Back to C at the next frame that may be plain IPv4
+                # (EtherType 0x0800, a 20-byte IPv4 header).
+                if i < n and samples[i].frame[12:15] == b"\x08\x00\x45":
+                    break
 
     def _heads_for(self, in_port, out_port):
         """The fast path's key pieces for a port pair (_fast_heads),

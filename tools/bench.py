@@ -183,6 +183,20 @@ def part1(table: Table, quick: bool, say) -> None:
               "as row 1.4 with the C fast path off: what runs where "
               "ovs_ipfix_py/_fastpath.c is not built; median of %d"
               % p["reps"])
+    x = res["mix"]
+    i += 1
+    table.add("1.%d" % i,
+              "parse+cache samples/s, traffic mix, %s flows, uniform"
+              % label(x["flows"]),
+              _n(x["stream_len"] / x["ingest_s"]), "-", None,
+              cmd + "   # tests/traffic.py:traffic_mix frames through "
+              "sample_bridge_batch",
+              "%s samples over %s distinct frames of every kind the "
+              "exporter handles (VLAN, QinQ, IPv6 + extension headers, IP "
+              "options, fragments, ARP, LLC, GRE, cut frames); %.0f %% "
+              "plain IPv4, the rest on the Python path; median of %d"
+              % (_n(x["stream_len"]), _n(x["frames"]),
+                 100 * x["plain_ipv4"], x["reps"]))
     d = res["decode"]
     i += 1
     table.add("1.%d" % i,

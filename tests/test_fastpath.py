@@ -25,8 +25,7 @@ import sys
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
-from test_exporter import bridge_options, frames
-from test_upcall import upcalls
+from support.inputs import bridge_options, frames, upcalls
 
 from ovs_ipfix_py import fastpath, upcall
 from ovs_ipfix_py.exporter import Exporter, pack_records

@@ -6,6 +6,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.inputs import upcalls
 
 from ovs_ipfix_py import upcall as U
 from ovs_ipfix_py.upcall import (
@@ -138,42 +139,6 @@ def test_encoder_puts_frame_first_then_orig_len():
     alen, atype = struct.unpack_from("!HH", d, 20)
     assert (alen, atype) == (20, U.A_FRAME)
     assert struct.unpack_from("!HHI", d, 40) == (8, U.A_ORIG_LEN, 64)
-
-
-tunnels = st.one_of(
-    st.none(),
-    st.builds(Tunnel, st.binary(min_size=4, max_size=4),
-              st.binary(min_size=4, max_size=4),
-              st.integers(0, 65535), st.integers(0, 65535),
-              st.integers(0, 2**64 - 1), st.integers(0, 255)),
-    st.builds(Tunnel, st.binary(min_size=16, max_size=16),
-              st.binary(min_size=16, max_size=16), st.just(0), st.just(0),
-              st.just(0), st.just(0)))
-ports = st.integers(0, 2**32 - 1)
-names = st.text(st.characters(blacklist_characters="\0",
-                              blacklist_categories=("Cs",)),
-                min_size=1, max_size=20)
-
-
-@st.composite
-def frames(draw):
-    frame = draw(st.binary(max_size=200))
-    extra = draw(st.sampled_from([0, 0, 1, 1000]))
-    return frame, len(frame) + extra
-
-
-@st.composite
-def upcalls(draw):
-    frame, orig_len = draw(frames())
-    if draw(st.booleans()):
-        return BridgeSample(draw(names), draw(ports),
-                            draw(st.none() | ports),
-                            draw(st.integers(1, 2**32 - 1)), frame,
-                            orig_len, draw(tunnels))
-    return FlowSample(draw(names), draw(ports), draw(ports), draw(ports),
-                      draw(st.integers(1, 65535)), draw(st.integers(0, 2)),
-                      draw(ports), draw(st.none() | ports), frame,
-                      orig_len, draw(tunnels))
 
 
 @settings(max_examples=200, deadline=None)

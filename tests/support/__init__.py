@@ -7,6 +7,8 @@
 - ``decoders``: our own small IPFIX parser plus wrappers around the
   independent judges (tshark, nfcapd/nfdump, nfacctd, ipfixDump).
 - ``pcapfile``: payloads -> libpcap file of Ethernet/IP/UDP frames.
+- ``inputs``: exporter options and the hypothesis strategies for frames
+  and upcalls that several test modules share.
 
 Missing system tools are errors, never skips: the message names the
 Debian package and the command that installs everything.

@@ -450,12 +450,12 @@ class Exporter:
                 g = groups[prefix] = []
             g.append(f)
         vobs, vobs_offset = self._vobs, self._vobs_offset
+        pack = fastpath.C.pack_records if fastpath.C else pack_records
         by_domain: Dict[int, List] = {}
         for prefix, group in groups.items():
             domain, tid = KEY_PREFIX.unpack(prefix)
             tid += vobs_offset
             template = t.get(tid)
-            pack = fastpath.C.pack_records if fastpath.C else pack_records
             data, packets, octets = pack(group, et_us, vobs,
                                          bool(template.l3),
                                          template.l4 == t.L4_TCP)

@@ -260,31 +260,21 @@ class FlowCache:
 
     def flush(self, now: float) -> int:
         """Expire every flow with reason forced end."""
-        # _remove_oldest for every flow, in one pass: the index and the
-        # order are emptied at the end instead of one entry at a time.
-        keys = list(self.order)
-        slots = list(map(self.index.__getitem__, keys))
-        if fastpath.C is not None:
-            self.expired += fastpath.C.expired_flows(
-                ExpiredFlow, keys, slots, self.times, self.counters,
-                self.small, FORCED_END)
+        n = len(self.order)
+        if fastpath.C is None:
+            while self.order:
+                self._remove_oldest(FORCED_END)
         else:
-            times = self.times
-            counters = self.counters
-            small = self.small
-            append = self.expired.append
-            for key, slot in zip(keys, slots):
-                t = slot << 1
-                c = slot << 2
-                m = slot * 3
-                append(ExpiredFlow(
-                    key, times[t], times[t + 1], counters[c],
-                    counters[c + 1], counters[c + 2], counters[c + 3],
-                    small[m], small[m + 1], small[m + 2], FORCED_END))
-        self.order.clear()
-        self.index.clear()
+            # _remove_oldest for every flow in one C pass; the index and
+            # the order are emptied at the end, not one entry at a time.
+            keys = list(self.order)
+            self.expired += fastpath.C.expired_flows(
+                ExpiredFlow, keys, list(map(self.index.__getitem__, keys)),
+                self.times, self.counters, self.small, FORCED_END)
+            self.order.clear()
+            self.index.clear()
         self._reset_slots()
-        return len(keys)
+        return n
 
     def _reset_slots(self) -> None:
         # An empty cache reuses its slots from the start, which keeps

@@ -23,7 +23,6 @@ arrival, CPU from os.wait4.  Both send one record per flow.
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import socket
 import struct
@@ -41,11 +40,10 @@ if ROOT not in sys.path:
 from ovs_ipfix_py.pcap import write_pcap  # noqa: E402
 from tests.support.ovsdb import OvsdbServer  # noqa: E402
 from tests.traffic import many_flows  # noqa: E402
+from tools import arrivals  # noqa: E402
 
 T0 = 1_700_000_000.0
 SEED = 5
-_TIMESPEC = struct.Struct("@ll")
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -102,7 +100,7 @@ class Collector:
         except OSError:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
                                  rcvbuf)
-        self.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        arrivals.enable_timestamps(self.sock)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]
@@ -117,25 +115,12 @@ class Collector:
     def receive(self, timeout: float) -> int:
         """Wait up to ``timeout`` s for datagrams, read all queued;
         returns how many."""
-        readable, _, _ = select.select([self.sock], [], [], timeout)
-        if not readable:
-            return 0
-        n = 0
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(
-                    65535, socket.CMSG_SPACE(_TIMESPEC.size))
-            except BlockingIOError:
-                return n
-            n += 1
-            arrival = time.time()
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
-                    sec, nsec = _TIMESPEC.unpack(cdata[:_TIMESPEC.size])
-                    arrival = sec + nsec / 1e9
+        got = arrivals.receive(self.sock, timeout)
+        for arrival, data in got:
             self.datagrams += 1
             if self._message(data):
                 self.last_arrival = max(self.last_arrival, arrival)
+        return len(got)
 
     def _message(self, data: bytes) -> int:
         if len(data) < 16:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import select
 import shlex
 import shutil
 import signal
@@ -56,14 +55,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from ovs_ipfix_py import upcall  # noqa: E402
+from tools import arrivals  # noqa: E402
 
 SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 FORCED_END = 4
 FLOW_END_REASON = 136
 UINT32_MAX = 0xFFFFFFFF
-#: SO_TIMESTAMPNS cmsg carries a struct timespec (two native longs).
-_TIMESPEC = struct.Struct("@ll")
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
 def frame(sport: int) -> bytes:
@@ -89,7 +86,7 @@ class Collector:
 
     def __init__(self):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        arrivals.enable_timestamps(self.sock)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.setblocking(False)
@@ -100,22 +97,7 @@ class Collector:
         return "127.0.0.1:%d" % self.sock.getsockname()[1]
 
     def receive(self, timeout: float):
-        out = []
-        readable, _, _ = select.select([self.sock], [], [], timeout)
-        if not readable:
-            return out
-        while True:
-            try:
-                data, ancdata, _, _ = self.sock.recvmsg(
-                    65535, socket.CMSG_SPACE(_TIMESPEC.size))
-            except BlockingIOError:
-                return out
-            arrival = time.time()
-            for level, kind, cdata in ancdata:
-                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
-                    sec, nsec = _TIMESPEC.unpack(cdata[:_TIMESPEC.size])
-                    arrival = sec + nsec / 1e9
-            out.append((arrival, data))
+        return arrivals.receive(self.sock, timeout)
 
     def drain(self):
         while self.receive(0):

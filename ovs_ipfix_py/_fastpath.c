@@ -9,17 +9,23 @@
  *
  * - decode_hits(): the channel decoder's loop over upcalls whose
  *   metadata it has seen before (upcall._decode's cache-hit branch).
- * - bridge_batch(): plain IPv4 bridge samples into the flow cache
- *   (Exporter.sample_bridge_batch's fast path): the key built from
- *   slices of the frame, looked up in the cache's index (a Python dict),
- *   the flow's aggregates updated in the cache's typed arrays.  A new
+ * - sample_batch(): bridge and flow samples into the flow cache
+ *   (Exporter.sample_batch): the key of every frame kind packet.parse
+ *   reads (Ethernet, 802.1Q/802.1ad and an inner tag, 802.3 and runt
+ *   frames, IPv4 with options and fragments, IPv6 with extension
+ *   headers, TCP/UDP/SCTP/ICMP/ICMPv6, cut frames) built in C,
+ *   looked up in the cache's index (a Python dict), the flow's
+ *   aggregates updated in the cache's typed arrays, the statistics
+ *   counted as Exporter.sample_bridge/sample_flow count them.  A new
  *   flow is inserted here when that is all there is to it (a free slot,
  *   no expiry); otherwise it goes to FlowCache._insert, so growth and
- *   max_flows expiry stay in flowcache.py.  At the first sample it does
- *   not take (anything but plain IPv4 TCP/UDP/SCTP/ICMP, an unsampled
- *   direction, an object of an unexpected type) it stops and says
- *   where: the caller hands that sample to the general path and calls
- *   again, so samples are aggregated in order.
+ *   max_flows expiry stay in flowcache.py.  The interface part of the
+ *   key and the template ids come from Python (Exporter._c_params), so
+ *   the key's layout is decided there.  At the first sample it does not
+ *   take (tunnel metadata, values out of range, an object of another
+ *   type) it stops and says where: the caller hands that sample to the
+ *   general path and calls again, so samples are aggregated in order.
+ * - parse_key(): the key builder alone, checked against packet.parse.
  * - expired_flows(): FlowCache.flush's ExpiredFlow records.
  * - pack_records(): exporter.pack_records, data records of one template.
  */
@@ -30,42 +36,10 @@
 #include <stdint.h>
 #include <string.h>
 
-#define ETH_HEADER_LEN 14
-#define MIN_FRAME_LEN 42        /* Ethernet + IPv4 + 8 bytes of L4 */
-#define KEY_MAX 256
 #define UINT32_MAX_ULL 0xFFFFFFFFULL
 /* BFD control and echo (RFC 5881, 5883): OVS never samples them. */
 #define BFD_PORT 3784
 #define BFD_ECHO_PORT 3785
-
-/* The fast path's per-protocol key pieces for one port pair, as
- * exporter.Exporter._fast_heads() builds them: (head, mid, end of the
- * key's L4 slice in the frame, is TCP, IP packet bytes needed). */
-struct proto_head {
-    const char *head;
-    Py_ssize_t head_len;
-    const char *mid;
-    Py_ssize_t mid_len;
-    Py_ssize_t l4_end;
-    int is_tcp;
-    unsigned long need;
-    int valid;
-};
-
-/* Protocols with a fast path: TCP, UDP, SCTP, ICMP. */
-static const int fast_protos[4] = {6, 17, 132, 1};
-
-static int
-proto_slot(unsigned char proto)
-{
-    switch (proto) {
-    case 6: return 0;
-    case 17: return 1;
-    case 132: return 2;
-    case 1: return 3;
-    default: return -1;
-    }
-}
 
 /* The cache's three arrays (flowcache.FlowCache.times, .counters,
  * .small: typed memoryviews), held as buffers.  They are released around
@@ -165,219 +139,599 @@ sat_add(uint64_t *p, uint64_t v)
     uint64_t r;
     *p = __builtin_add_overflow(*p, v, &r) ? UINT64_MAX : r;
 }
+/* ------------------------------------------------------------ samples */
 
-/* Fills table[] from heads, the dict {IP protocol: (head, mid, l4_end,
- * is_tcp, need)} returned by heads_for.  Borrowed pointers: the caller
- * holds a reference to heads. */
-static int
-load_heads(PyObject *heads, struct proto_head table[4])
+static inline uint32_t
+get_u32(const unsigned char *p)
 {
-    for (int i = 0; i < 4; i++) {
-        struct proto_head *ph = &table[i];
-        PyObject *proto = PyLong_FromLong(fast_protos[i]);
-        PyObject *t;
+    return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16
+           | (uint32_t) p[2] << 8 | p[3];
+}
 
-        ph->valid = 0;
-        if (!proto) {
-            return -1;
+static inline uint16_t
+get_u16(const unsigned char *p)
+{
+    return (uint16_t) (p[0] << 8 | p[1]);
+}
+
+static inline unsigned char *
+put_u32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char) (v >> 24);
+    p[1] = (unsigned char) (v >> 16);
+    p[2] = (unsigned char) (v >> 8);
+    p[3] = (unsigned char) v;
+    return p + 4;
+}
+
+/* packet.py's constants (OVS's enum ipfix_sampled_packet_type; the
+ * layouts of templates.py). */
+enum { K_OTHER, K_IPV4_OK, K_IPV6_OK, K_IPV4_ERR, K_IPV6_ERR };
+enum { L2_ETH, L2_VLAN };
+enum { L3_NONE, L3_IPV4, L3_IPV6 };
+enum { L4_NONE, L4_TCP, L4_UDP, L4_SCTP, L4_ICMP };
+#define N_LAYOUTS 60            /* 2 L2 x 3 L3 x 5 L4 x 2 directions */
+
+#define ETH_TYPE_IP 0x0800
+#define ETH_TYPE_IPV6 0x86DD
+#define ETH_TYPE_VLAN 0x8100
+#define ETH_TYPE_VLAN_8021AD 0x88A8
+#define ETH_TYPE_NONE 0x05FF
+#define ETH_TYPE_MIN 0x0600
+
+/* What parse() says besides the key bytes. */
+struct parsed {
+    int layout;                 /* ((l2 * 3 + l3) * 5 + l4) * 2 + dir */
+    int kind;
+    int is_ip;
+    int eth_header_len;
+    int udp_dst_port;           /* -1 unless a UDP header was read */
+    uint32_t tcp_flags;
+};
+
+/* Bytes of L4 header OVS's flow_extract() needs (packet._L4_HEADER_LEN);
+ * 0: no L4 part for this IP protocol in this IP version. */
+static inline int
+l4_of(int proto, int v6, int *hlen)
+{
+    switch (proto) {
+    case 6: *hlen = 20; return L4_TCP;
+    case 17: *hlen = 8; return L4_UDP;
+    case 132: *hlen = 12; return L4_SCTP;
+    case 1: *hlen = 8; return v6 ? L4_NONE : L4_ICMP;
+    case 58: *hlen = 8; return v6 ? L4_ICMP : L4_NONE;
+    default: *hlen = 0; return L4_NONE;
+    }
+}
+
+/* packet._l4: ports or ICMP type and code, read only when the whole L4
+ * header lies before end (the end of the IP packet). */
+static unsigned char *
+put_l4(unsigned char *p, const unsigned char *f, Py_ssize_t off,
+       Py_ssize_t end, int proto, int l4, int hlen, int later,
+       struct parsed *r)
+{
+    if (later || end < off + hlen) {
+        memset(p, 0, l4 == L4_ICMP ? 2 : 4);
+        return p + (l4 == L4_ICMP ? 2 : 4);
+    }
+    if (l4 == L4_ICMP) {
+        memcpy(p, f + off, 2);
+        return p + 2;
+    }
+    memcpy(p, f + off, 4);
+    if (proto == 17) {
+        r->udp_dst_port = f[off + 2] << 8 | f[off + 3];
+    } else if (proto == 6) {
+        r->tcp_flags = (uint32_t) (f[off + 12] & 0x0F) << 8 | f[off + 13];
+    }
+    return p + 4;
+}
+
+static inline unsigned char *
+put_tos(unsigned char *p, unsigned int tos)
+{
+    /* ipDiffServCodePoint, ipPrecedence, ipClassOfService
+     * (packet.TOS_FIELDS) */
+    p[0] = (unsigned char) (tos >> 2);
+    p[1] = (unsigned char) (tos >> 5);
+    p[2] = (unsigned char) tos;
+    return p + 3;
+}
+
+/* packet._ipv4: the L3 and L4 parts; returns the L4 layout. */
+static unsigned char *
+put_ipv4(unsigned char *p, const unsigned char *f, Py_ssize_t ip,
+         Py_ssize_t n, struct parsed *r, int *l4out)
+{
+    if (n >= ip + 20 && f[ip] >> 4 == 4) {
+        Py_ssize_t ihl = (f[ip] & 0x0F) * 4;
+
+        if (ihl >= 20 && n >= ip + ihl) {
+            int proto = f[ip + 9], hlen, l4;
+            int later = (f[ip + 6] & 0x1F) || f[ip + 7];
+            /* L4 ends with the IP packet, not with the frame's padding. */
+            Py_ssize_t end = ip + (f[ip + 2] << 8 | f[ip + 3]);
+
+            if (end > n) {
+                end = n;
+            }
+            *p++ = 4;
+            *p++ = f[ip + 8];
+            *p++ = (unsigned char) proto;
+            p = put_tos(p, f[ip + 1]);
+            memcpy(p, f + ip + 12, 8);
+            p += 8;
+            l4 = l4_of(proto, 0, &hlen);
+            *l4out = l4;
+            if (l4 == L4_NONE) {
+                r->kind = K_IPV4_ERR;   /* as OVS: no known L4 */
+                return p;
+            }
+            r->kind = K_IPV4_OK;
+            return put_l4(p, f, ip + ihl, end, proto, l4, hlen, later, r);
         }
-        t = PyDict_GetItemWithError(heads, proto);
-        Py_DECREF(proto);
-        if (!t) {
-            if (PyErr_Occurred()) {
-                return -1;
+    }
+    /* Header unreadable: OVS's flow_extract() leaves every field 0. */
+    *p++ = 4;
+    memset(p, 0, 5 + 8);
+    *l4out = L4_NONE;
+    r->kind = K_IPV4_ERR;
+    return p + 5 + 8;
+}
+
+/* packet._ipv6: the L3 and L4 parts, extension headers walked. */
+static unsigned char *
+put_ipv6(unsigned char *p, const unsigned char *f, Py_ssize_t ip,
+         Py_ssize_t n, struct parsed *r, int *l4out)
+{
+    uint32_t word;
+    int nh, later = 0, ok = 1, hlen, l4;
+    Py_ssize_t off, end;
+
+    *l4out = L4_NONE;
+    r->kind = K_IPV6_ERR;
+    if (n < ip + 40 || f[ip] >> 4 != 6) {
+        *p++ = 6;
+        memset(p, 0, 5 + 16 + 16 + 4);
+        return p + 5 + 16 + 16 + 4;
+    }
+    word = get_u32(f + ip);
+    nh = f[ip + 6];
+    off = ip + 40;
+    /* Extension headers and L4 end with the payload length. */
+    end = off + (f[ip + 4] << 8 | f[ip + 5]);
+    if (end > n) {
+        end = n;
+    }
+    /* hop-by-hop, routing, fragment, destination options, AH */
+    while (nh == 0 || nh == 43 || nh == 44 || nh == 60 || nh == 51) {
+        if (end < off + 8) {
+            ok = 0;
+            break;
+        }
+        if (nh == 44) {
+            int frag_offset = (f[off + 2] << 8 | f[off + 3]) >> 3;
+
+            nh = f[off];
+            off += 8;
+            if (frag_offset) {
+                later = 1;
+                break;
             }
             continue;
         }
-        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 5
-            || !PyBytes_Check(PyTuple_GET_ITEM(t, 0))
-            || !PyBytes_Check(PyTuple_GET_ITEM(t, 1))) {
-            PyErr_SetString(PyExc_TypeError, "bad fast-path heads entry");
-            return -1;
+        {
+            Py_ssize_t length = nh == 51 ? (f[off + 1] + 2) * 4
+                                         : (f[off + 1] + 1) * 8;
+            nh = f[off];
+            off += length;
         }
-        ph->head = PyBytes_AS_STRING(PyTuple_GET_ITEM(t, 0));
-        ph->head_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(t, 0));
-        ph->mid = PyBytes_AS_STRING(PyTuple_GET_ITEM(t, 1));
-        ph->mid_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(t, 1));
-        ph->l4_end = PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 2));
-        ph->is_tcp = PyObject_IsTrue(PyTuple_GET_ITEM(t, 3));
-        ph->need = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 4));
-        if (PyErr_Occurred() || ph->is_tcp < 0) {
-            return -1;
-        }
-        if (ph->l4_end < 26 || ph->l4_end > MIN_FRAME_LEN
-            || ph->head_len + ph->mid_len + 19 + ph->l4_end - 26
-               > KEY_MAX) {
-            PyErr_SetString(PyExc_ValueError, "fast-path heads too long");
-            return -1;
-        }
-        ph->valid = 1;
     }
-    return 0;
+    *p++ = 6;
+    *p++ = f[ip + 7];
+    *p++ = (unsigned char) nh;
+    p = put_tos(p, (word >> 20) & 0xFF);
+    memcpy(p, f + ip + 8, 32);
+    p += 32;
+    p = put_u32(p, word & 0xFFFFF);
+    l4 = ok ? l4_of(nh, 1, &hlen) : L4_NONE;
+    *l4out = l4;
+    if (l4 == L4_NONE) {
+        return p;
+    }
+    r->kind = K_IPV6_OK;
+    return put_l4(p, f, off, end, nh, l4, hlen, later, r);
 }
 
-/* What bridge_batch carries from one sample to the next: the last
- * probability and ports seen (by identity: the samples list keeps them
- * alive) and what was derived from them. */
-struct batch_state {
-    PyObject *heads_for;
-    PyObject *tos_fields;
-    unsigned long long default_count;
-    PyObject *last_p, *last_in, *last_out;
-    PyObject *heads;                /* owned: dict or None */
-    unsigned long long count;
-    struct proto_head table[4];
-};
+/* Longest interface part (port pair blob) a key may carry. */
+#define PORTS_MAX 256
+/* The rest of the longest key: prefix 11, MACs, type and length 15,
+ * VLAN 5, IPv6 42, L4 4. */
+#define KEY_MAX (PORTS_MAX + 11 + 15 + 5 + 42 + 4)
 
-/* One sample taken by the fast path, its key built, not yet looked up. */
+/* packet.parse with the cache's key prefix in front: writes
+ * KEY_PREFIX(domain, template id) + the encoded key into key[] and
+ * returns its length.  The template id comes from tids (N_LAYOUTS
+ * big-endian u16, by layout), the interface part is ports[0:ports_len]
+ * as Python built it.  Never fails. */
+static Py_ssize_t
+build_key(unsigned char *key, const unsigned char *f, Py_ssize_t n,
+          uint32_t domain, uint32_t point, int dir,
+          const char *ports, Py_ssize_t ports_len,
+          const unsigned char *tids, struct parsed *r)
+{
+    unsigned char runt[14];
+    unsigned char *p = key;
+    unsigned int etype, tci = 0;
+    Py_ssize_t off = 14;
+    int l2 = L2_ETH, l3 = L3_NONE, l4 = L4_NONE, tid_i;
+
+    if (n < 14) {
+        /* A runt: the MAC bytes there are, the rest 0, ethernetType
+         * "none" (it has no type field). */
+        memset(runt, 0, sizeof runt);
+        memcpy(runt, f, n < 12 ? n : 12);
+        runt[12] = 0x05;
+        runt[13] = 0xFF;
+        f = runt;
+        n = 14;
+    }
+    etype = get_u16(f + 12);
+    if ((etype == ETH_TYPE_VLAN || etype == ETH_TYPE_VLAN_8021AD)
+        && n >= 18) {
+        tci = get_u16(f + 14);
+        l2 = L2_VLAN;
+        etype = get_u16(f + 16);
+        off = 18;
+        if (etype == ETH_TYPE_VLAN && n >= 22) {
+            etype = get_u16(f + 20);
+            off = 22;
+        }
+    }
+    if (etype < ETH_TYPE_MIN) {
+        etype = ETH_TYPE_NONE;
+    }
+    r->eth_header_len = (int) off;
+    r->udp_dst_port = -1;
+    r->tcp_flags = 0;
+    r->kind = K_OTHER;
+
+    p = put_u32(p, domain);
+    p += 2;                         /* template id, once known */
+    p = put_u32(p, point);
+    *p++ = (unsigned char) dir;
+    memcpy(p, f + 6, 6);
+    memcpy(p + 6, f, 6);
+    p += 12;
+    *p++ = (unsigned char) (etype >> 8);
+    *p++ = (unsigned char) etype;
+    *p++ = (unsigned char) off;
+    memcpy(p, ports, ports_len);
+    p += ports_len;
+    if (l2 == L2_VLAN) {
+        unsigned int vid = tci & 0x0FFF;
+
+        /* vlanId, dot1qVlanId, dot1qPriority */
+        *p++ = (unsigned char) (vid >> 8);
+        *p++ = (unsigned char) vid;
+        *p++ = (unsigned char) (vid >> 8);
+        *p++ = (unsigned char) vid;
+        *p++ = (unsigned char) (tci >> 13);
+    }
+    if (etype == ETH_TYPE_IP) {
+        l3 = L3_IPV4;
+        p = put_ipv4(p, f, off, n, r, &l4);
+    } else if (etype == ETH_TYPE_IPV6) {
+        l3 = L3_IPV6;
+        p = put_ipv6(p, f, off, n, r, &l4);
+    }
+    r->is_ip = l3 != L3_NONE;
+    tid_i = ((l2 * 3 + l3) * 5 + l4) * 2 + dir;
+    r->layout = tid_i;
+    key[4] = tids[2 * tid_i];
+    key[5] = tids[2 * tid_i + 1];
+    return p - key;
+}
+
+PyDoc_STRVAR(parse_key_doc,
+"parse_key(frame, domain, point, direction, ports, tids)\n"
+"    -> (key, eth_header_len, is_ip, tcp_flags, kind, udp_dst_port)\n"
+"\n"
+"The key builder of sample_batch on its own, for the tests: packet.parse\n"
+"of frame (bytes) with KEY_PREFIX(domain, template id) in front; ports\n"
+"is the key's interface part, tids the template ids by layout.");
+
+static PyObject *
+parse_key(PyObject *self, PyObject *args)
+{
+    Py_buffer frame, ports, tids;
+    unsigned long domain, point;
+    int dir;
+    unsigned char key[KEY_MAX];
+    struct parsed r;
+    Py_ssize_t k;
+    PyObject *res = NULL;
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "y*kkiy*y*:parse_key", &frame, &domain,
+                          &point, &dir, &ports, &tids)) {
+        return NULL;
+    }
+    if (ports.len > PORTS_MAX || tids.len != 2 * N_LAYOUTS
+        || (dir != 0 && dir != 1) || domain > 0xFFFFFFFFUL
+        || point > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_ValueError, "parse_key: bad argument");
+    } else {
+        k = build_key(key, frame.buf, frame.len, (uint32_t) domain,
+                      (uint32_t) point, dir, ports.buf, ports.len,
+                      tids.buf, &r);
+        res = Py_BuildValue("y#iOIii", (const char *) key, k,
+                            r.eth_header_len, r.is_ip ? Py_True : Py_False,
+                            (unsigned int) r.tcp_flags, r.kind,
+                            r.udp_dst_port);
+    }
+    PyBuffer_Release(&frame);
+    PyBuffer_Release(&ports);
+    PyBuffer_Release(&tids);
+    return res;
+}
+
+
+/* One sample of a batch, checked and keyed, not yet looked up. */
 struct taken {
-    PyObject *key;                  /* owned */
+    int action;                     /* TAKE_* */
+    PyObject *key;                  /* owned (TAKE_CACHE only) */
     Py_ssize_t slot;
     uint64_t count;
     uint64_t frame_len;
     uint64_t ip_len;
     uint32_t tcp_flags;
+    int kind;
 };
 
-/* Checks sample s and builds its key into *t.  Returns 1 when taken,
- * 0 when the fast path does not take it (the caller stops there), -1 on
- * error (exception set). */
+enum {
+    TAKE_CACHE,                     /* aggregate into the cache */
+    TAKE_DROPPED,                   /* direction not sampled: counted */
+    TAKE_SKIP,                      /* BFD: not even counted */
+};
+
+/* The exporter's parameters (Exporter._c_params), and what the loop
+ * carries from one sample to the next. */
+struct batch_state {
+    PyObject *bridge_cls, *flow_cls;
+    int is_bridge, enable_in, enable_out;
+    unsigned long long default_count;
+    uint32_t domain, point;
+    PyObject *ports_for;
+    const unsigned char *tids;
+    /* Last probabilities seen (by identity: the batch keeps the objects
+     * alive) and their packet counts, bridge and flow. */
+    PyObject *last_bp, *last_fp;
+    unsigned long long bcount, fcount;
+    /* Interface part of the key, for the last port pair seen, per
+     * sample kind (0 bridge, 1 flow). */
+    PyObject *last_in[2], *last_out[2];
+    int last_dir[2];
+    PyObject *ports[2];             /* owned: bytes */
+};
+
+static void
+batch_state_clear(struct batch_state *st)
+{
+    for (int i = 0; i < 2; i++) {
+        Py_CLEAR(st->ports[i]);
+        st->last_in[i] = st->last_out[i] = NULL;
+    }
+}
+
+/* The key's interface part for (in, out, dir): ports_for's bytes,
+ * called only when the port pair changes.  NULL (no exception): the
+ * sample goes to the general path, which raises what ports_for
+ * raises. */
+static PyObject *
+ports_part(struct batch_state *st, int which, PyObject *in_o,
+           PyObject *out_o, int dir)
+{
+    PyObject *b, *d, *zero;
+
+    if (st->ports[which] && in_o == st->last_in[which]
+        && out_o == st->last_out[which] && dir == st->last_dir[which]) {
+        return st->ports[which];
+    }
+    /* As Exporter._sample calls it: no output port is port 0. */
+    zero = PyLong_FromLong(0);
+    d = PyLong_FromLong(dir);
+    if (!d || !zero) {
+        Py_XDECREF(d);
+        Py_XDECREF(zero);
+        PyErr_Clear();
+        return NULL;
+    }
+    b = PyObject_CallFunctionObjArgs(st->ports_for, in_o,
+                                     out_o == Py_None ? zero : out_o, d,
+                                     NULL);
+    Py_DECREF(d);
+    Py_DECREF(zero);
+    if (!b || !PyBytes_Check(b) || PyBytes_GET_SIZE(b) > PORTS_MAX) {
+        PyErr_Clear();
+        Py_XDECREF(b);
+        return NULL;
+    }
+    Py_XSETREF(st->ports[which], b);
+    st->last_in[which] = in_o;
+    st->last_out[which] = out_o;
+    st->last_dir[which] = dir;
+    return b;
+}
+
+/* An int in 0..2^32-1, else -1. */
+static long long
+as_u32(PyObject *o)
+{
+    unsigned long v;
+
+    if (!PyLong_Check(o)) {
+        return -1;
+    }
+    v = PyLong_AsUnsignedLong(o);
+    if (v == (unsigned long) -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    return v > 0xFFFFFFFFUL ? -1 : (long long) v;
+}
+
+/* Checks sample s, decides what becomes of it and builds its key into
+ * *t.  Returns 1 when taken, 0 when the general path must take it (the
+ * caller stops there), -1 on error (exception set). */
 static int
 take_sample(struct batch_state *st, PyObject *s, struct taken *t)
 {
-    PyObject *in_o, *out_o, *p_o, *f_o, *len_o, *tos;
+    PyObject *in_o, *out_o, *p_o, *f_o, *len_o, *tun_o, *ports;
     const unsigned char *f;
-    const struct proto_head *ph;
-    unsigned long long orig_len, frame_len;
-    unsigned long total_len;
+    unsigned long long orig_len, frame_len, count;
     unsigned char key[KEY_MAX];
+    uint32_t domain, point;
+    struct parsed r;
     Py_ssize_t flen, k;
-    int ps;
+    int dir, is_flow;
 
-    if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) < 6) {
+    if (Py_TYPE(s) == (PyTypeObject *) st->bridge_cls && st->is_bridge
+        && PyTuple_GET_SIZE(s) >= 7) {
+        is_flow = 0;
+        in_o = PyTuple_GET_ITEM(s, 1);
+        out_o = PyTuple_GET_ITEM(s, 2);
+        p_o = PyTuple_GET_ITEM(s, 3);
+        f_o = PyTuple_GET_ITEM(s, 4);
+        len_o = PyTuple_GET_ITEM(s, 5);
+        tun_o = PyTuple_GET_ITEM(s, 6);
+    } else if (Py_TYPE(s) == (PyTypeObject *) st->flow_cls
+               && PyTuple_GET_SIZE(s) >= 11) {
+        is_flow = 1;
+        p_o = PyTuple_GET_ITEM(s, 4);
+        in_o = PyTuple_GET_ITEM(s, 6);
+        out_o = PyTuple_GET_ITEM(s, 7);
+        f_o = PyTuple_GET_ITEM(s, 8);
+        len_o = PyTuple_GET_ITEM(s, 9);
+        tun_o = PyTuple_GET_ITEM(s, 10);
+    } else {
         return 0;
     }
-    in_o = PyTuple_GET_ITEM(s, 1);
-    out_o = PyTuple_GET_ITEM(s, 2);
-    p_o = PyTuple_GET_ITEM(s, 3);
-    f_o = PyTuple_GET_ITEM(s, 4);
-    len_o = PyTuple_GET_ITEM(s, 5);
-    if (!PyBytes_Check(f_o) || !PyLong_Check(len_o)) {
+    /* Tunnel metadata: the general path's business (for now). */
+    if (tun_o != Py_None || !PyBytes_Check(f_o) || !PyLong_Check(len_o)) {
         return 0;
     }
+    t->key = NULL;
 
-    /* Probability and ports repeat from one sample to the next (and are
-     * often the very same objects): convert them only when they
-     * change. */
-    if (p_o != st->last_p) {
-        unsigned long long p;
+    if (!is_flow) {
+        /* Exporter.sample_bridge */
+        if (out_o == Py_None) {
+            if (!st->enable_in) {
+                t->action = TAKE_DROPPED;
+                return 1;
+            }
+            dir = 0;
+        } else {
+            if (!st->enable_out) {
+                t->action = TAKE_DROPPED;
+                return 1;
+            }
+            dir = 1;
+        }
+        if (p_o != st->last_bp) {
+            unsigned long long p;
 
-        if (!PyLong_Check(p_o)) {
+            if (!PyLong_Check(p_o)) {
+                return 0;
+            }
+            p = PyLong_AsUnsignedLongLong(p_o);
+            if (p == (unsigned long long) -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                return 0;   /* negative or huge: the general path says */
+            }
+            st->bcount = p ? UINT32_MAX_ULL / p : st->default_count;
+            st->last_bp = p_o;
+        }
+        count = st->bcount;
+        domain = st->domain;
+        point = st->point;
+    } else {
+        /* Exporter.sample_flow */
+        PyObject *d_o = PyTuple_GET_ITEM(s, 5);
+        long long dom;
+        long d;
+
+        if (p_o != st->last_fp) {
+            long long p;
+
+            if (!PyLong_Check(p_o)) {
+                return 0;
+            }
+            p = PyLong_AsLongLong(p_o);
+            if (p <= 0) {
+                PyErr_Clear();
+                return 0;   /* dropped with a warning there */
+            }
+            st->fcount = 0xFFFFULL / (unsigned long long) p;
+            st->last_fp = p_o;
+        }
+        count = st->fcount;
+        if (!PyLong_Check(d_o)) {
             return 0;
         }
-        p = PyLong_AsUnsignedLongLong(p_o);
-        if (p == (unsigned long long) -1 && PyErr_Occurred()) {
+        d = PyLong_AsLong(d_o);
+        if (d == -1 && PyErr_Occurred()) {
             PyErr_Clear();
-            return 0;       /* negative or huge: the general path says */
-        }
-        st->count = p ? UINT32_MAX_ULL / p : st->default_count;
-        st->last_p = p_o;
-    }
-    if (in_o != st->last_in || out_o != st->last_out) {
-        PyObject *h = PyObject_CallFunctionObjArgs(st->heads_for, in_o,
-                                                   out_o, NULL);
-        if (!h) {
-            return -1;
-        }
-        Py_XSETREF(st->heads, h);
-        /* Forget the ports until the heads are known good. */
-        st->last_in = st->last_out = NULL;
-        if (h != Py_None) {
-            if (!PyDict_Check(h)) {
-                PyErr_SetString(PyExc_TypeError,
-                                "heads_for must return a dict or None");
-                return -1;
-            }
-            if (load_heads(h, st->table) < 0) {
-                return -1;
-            }
-        }
-        st->last_in = in_o;
-        st->last_out = out_o;
-    }
-    if (st->heads == Py_None) {
-        return 0;           /* direction not sampled: counted there */
-    }
-
-    f = (const unsigned char *) PyBytes_AS_STRING(f_o);
-    flen = PyBytes_GET_SIZE(f_o);
-    /* Plain IPv4: EtherType 0x0800, version 4 with a 20-byte header,
-     * not a later fragment (offset 0). */
-    if (flen < MIN_FRAME_LEN || f[12] != 8 || f[13] != 0 || f[14] != 0x45
-        || (f[20] & 0x1F) || f[21]) {
-        return 0;
-    }
-    ps = proto_slot(f[23]);
-    if (ps < 0 || !st->table[ps].valid) {
-        return 0;
-    }
-    ph = &st->table[ps];
-    /* The whole L4 header must lie inside the IP packet and the frame
-     * (else the general parser zeroes the L4 fields). */
-    total_len = (unsigned long) f[16] << 8 | f[17];
-    if (ph->need > total_len
-        || ph->need + ETH_HEADER_LEN > (unsigned long) flen) {
-        return 0;
-    }
-    if (f[23] == 17) {
-        unsigned int dport = (unsigned int) f[36] << 8 | f[37];
-        if (dport == BFD_PORT || dport == BFD_ECHO_PORT) {
             return 0;
         }
+        dir = d == 1 ? 0 : d == 2 ? 1 : out_o == Py_None ? 0 : 1;
+        dom = as_u32(PyTuple_GET_ITEM(s, 2));
+        if (dom < 0 || !PyLong_Check(PyTuple_GET_ITEM(s, 3))) {
+            return 0;
+        }
+        domain = (uint32_t) dom;
+        /* obs_point_id & 0xFFFFFFFF, as packet.parse */
+        point = (uint32_t) PyLong_AsUnsignedLongMask(PyTuple_GET_ITEM(s, 3));
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    ports = ports_part(st, is_flow, in_o, out_o, dir);
+    if (!ports) {
+        return 0;
     }
     orig_len = PyLong_AsUnsignedLongLong(len_o);
     if (orig_len == (unsigned long long) -1 && PyErr_Occurred()) {
         PyErr_Clear();
         return 0;
     }
+    f = (const unsigned char *) PyBytes_AS_STRING(f_o);
+    flen = PyBytes_GET_SIZE(f_o);
     frame_len = orig_len > (unsigned long long) flen
                 ? orig_len : (unsigned long long) flen;
     if (frame_len > UINT32_MAX_ULL) {
         return 0;           /* cannot be stored; the general path says */
     }
-    tos = PyTuple_GET_ITEM(st->tos_fields, f[15]);
-    if (!PyBytes_Check(tos) || PyBytes_GET_SIZE(tos) > 16) {
-        PyErr_SetString(PyExc_TypeError, "tos_fields: bytes items");
-        return -1;
+    k = build_key(key, f, flen, domain, point, dir,
+                  PyBytes_AS_STRING(ports), PyBytes_GET_SIZE(ports),
+                  st->tids, &r);
+    if (!is_flow && (r.udp_dst_port == BFD_PORT
+                     || r.udp_dst_port == BFD_ECHO_PORT)) {
+        t->action = TAKE_SKIP;      /* OVS never samples BFD */
+        return 1;
     }
-
-    /* key = head | src MAC | dst MAC | mid | TTL, protocol
-     *       | DSCP, precedence, ToS | addresses and L4 fields */
-    k = 0;
-    memcpy(key + k, ph->head, ph->head_len);
-    k += ph->head_len;
-    memcpy(key + k, f + 6, 6);
-    k += 6;
-    memcpy(key + k, f, 6);
-    k += 6;
-    memcpy(key + k, ph->mid, ph->mid_len);
-    k += ph->mid_len;
-    memcpy(key + k, f + 22, 2);
-    k += 2;
-    memcpy(key + k, PyBytes_AS_STRING(tos), PyBytes_GET_SIZE(tos));
-    k += PyBytes_GET_SIZE(tos);
-    memcpy(key + k, f + 26, ph->l4_end - 26);
-    k += ph->l4_end - 26;
-
     t->key = PyBytes_FromStringAndSize((const char *) key, k);
     if (!t->key) {
         return -1;
     }
-    t->count = st->count;
+    t->action = TAKE_CACHE;
+    t->count = count;
     t->frame_len = frame_len;
-    t->ip_len = frame_len - ETH_HEADER_LEN;
-    t->tcp_flags = ph->is_tcp
-                   ? (uint32_t) (f[46] & 0x0F) << 8 | f[47] : 0;
+    t->ip_len = r.is_ip ? frame_len - (uint64_t) r.eth_header_len : 0;
+    t->tcp_flags = r.tcp_flags;
+    t->kind = r.kind;
     return 1;
 }
 
@@ -535,6 +889,31 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
     }
     r = PyObject_CallOneArg(ins->order_append, t->key);
     if (!r) {
+        /* Undo, so the cache stays as it was (the index and the order
+         * hold the same flows). */
+        PyObject *et, *ev, *tb;
+
+        PyErr_Fetch(&et, &ev, &tb);
+        if (PyDict_DelItem(index, t->key) < 0) {
+            PyErr_Clear();
+        }
+        if (from_free) {
+            PyObject *so = PyLong_FromSsize_t(slot);
+
+            if (!so || PyList_Append(ins->free, so) < 0) {
+                PyErr_Clear();
+            }
+            Py_XDECREF(so);
+        } else {
+            PyObject *so = PyLong_FromSsize_t(slot);
+
+            if (!so || PyObject_SetAttrString(cache, "_next_slot", so) < 0) {
+                PyErr_Clear();
+            }
+            Py_XDECREF(so);
+            ins->next_slot = slot;
+        }
+        PyErr_Restore(et, ev, tb);
         return -1;
     }
     Py_DECREF(r);
@@ -555,6 +934,68 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
     return 1;
 }
 
+/* What a call adds to the exporter's statistics (ExporterStats). */
+enum { S_PKTS, S_IPV4_OK, S_IPV6_OK, S_IPV4_ERRS, S_IPV6_ERRS, S_ERRS,
+       S_FLOWS, S_DROPPED, S_COUNT };
+static const char *const stat_names[S_COUNT] = {
+    "pkts", "ipv4_ok", "ipv6_ok", "ipv4_errs", "ipv6_errs", "errs",
+    "flows", "dropped_samples",
+};
+
+static void
+count_sample(Py_ssize_t *stats, const struct taken *t)
+{
+    if (t->action == TAKE_DROPPED) {
+        stats[S_DROPPED]++;
+        return;
+    }
+    if (t->action != TAKE_CACHE) {
+        return;
+    }
+    stats[S_PKTS]++;
+    switch (t->kind) {
+    case K_IPV4_OK: stats[S_IPV4_OK]++; break;
+    case K_IPV6_OK: stats[S_IPV6_OK]++; break;
+    case K_IPV4_ERR: stats[S_IPV4_ERRS]++; stats[S_ERRS]++; break;
+    case K_IPV6_ERR: stats[S_IPV6_ERRS]++; stats[S_ERRS]++; break;
+    default: break;
+    }
+}
+
+/* stats.<name> += delta for each counter; keeps a pending exception. */
+static int
+stats_add(PyObject *stats, const Py_ssize_t *delta)
+{
+    PyObject *et, *ev, *tb;
+    int rc = 0;
+
+    PyErr_Fetch(&et, &ev, &tb);
+    for (int i = 0; i < S_COUNT && rc == 0; i++) {
+        PyObject *old, *d, *sum;
+
+        if (!delta[i]) {
+            continue;
+        }
+        old = PyObject_GetAttrString(stats, stat_names[i]);
+        d = old ? PyLong_FromSsize_t(delta[i]) : NULL;
+        sum = d ? PyNumber_Add(old, d) : NULL;
+        if (!sum || PyObject_SetAttrString(stats, stat_names[i], sum) < 0) {
+            rc = -1;
+        }
+        Py_XDECREF(old);
+        Py_XDECREF(d);
+        Py_XDECREF(sum);
+    }
+    if (et) {
+        /* The first error wins. */
+        if (rc < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(et, ev, tb);
+    }
+    return rc;
+}
+
 /* Samples are looked up GROUP at a time: their keys are built first,
  * then the dictionary lookups run back to back and each found flow's
  * cache lines are prefetched, then the updates.  With 100k flows nearly
@@ -562,24 +1003,30 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
  * independent lookups overlap instead of adding up. */
 #define GROUP 8
 
-PyDoc_STRVAR(bridge_batch_doc,
-"bridge_batch(samples, start, now, default_count, heads_for, tos_fields,\n"
-"             cache) -> (stop, fast, new)\n"
+PyDoc_STRVAR(sample_batch_doc,
+"sample_batch(samples, start, now, params, cache, stats) -> stop\n"
 "\n"
-"Aggregate samples[start:] (a list of upcall.BridgeSample) into cache\n"
-"(a flowcache.FlowCache) at now (s), as the pure-Python fast path of\n"
-"Exporter.sample_bridge_batch does, up to the first sample it does not\n"
-"take.  stop: that sample's index (len(samples) when all were taken);\n"
-"fast: samples aggregated; new: flows they started.  Each sample counts\n"
-"0xFFFFFFFF // its probability packets (default_count when 0).\n"
-"heads_for(input_port, output_port) gives the key pieces per IP\n"
-"protocol for a port pair, or None (that direction is not sampled);\n"
-"tos_fields[tos] the key's DSCP, precedence and ToS bytes.");
+"Exporter.sample_batch in C: aggregate samples[start:] (a list of\n"
+"upcall.BridgeSample and upcall.FlowSample) into cache (a\n"
+"flowcache.FlowCache) at now (s), each exactly as Exporter.sample_bridge\n"
+"or Exporter.sample_flow would (packet.parse's key, BFD skipped, samples\n"
+"of an unsampled direction dropped), and add to stats (ExporterStats)\n"
+"what they count, up to the first sample it leaves to those methods\n"
+"(tunnel metadata, a flow sample of probability 0, a value out of the\n"
+"usual range, an object of another type).  stop: that sample's index\n"
+"(len(samples) when all were taken).\n"
+"\n"
+"params = (BridgeSample, FlowSample, is_bridge, default_count, domain,\n"
+"point, enable_input, enable_output, ports_for, tids): the bridge\n"
+"options' values; ports_for(input_port, output_port, direction) the\n"
+"key's interface part (bytes); tids the template id of each layout\n"
+"(60 big-endian u16).  On an exception the cache and stats hold every\n"
+"sample before the one that raised.");
 
 static PyObject *
-bridge_batch(PyObject *self, PyObject *args)
+sample_batch(PyObject *self, PyObject *args)
 {
-    PyObject *samples, *cache;
+    PyObject *samples, *params, *cache, *stats;
     Py_ssize_t start;
     double now;
     PyObject *seq = NULL, *index = NULL, *insert = NULL;
@@ -587,24 +1034,36 @@ bridge_batch(PyObject *self, PyObject *args)
     struct arrays arr = {{NULL, NULL, NULL}, {{0}}, 0};
     struct taken g[GROUP];
     struct inserter ins = {0, NULL, NULL, 0, 0, 0};
-    Py_ssize_t i, n, n_fast = 0, n_new = 0;
+    Py_ssize_t i = 0, n, delta[S_COUNT] = {0};
+    Py_buffer tids = {0};
     int ng = 0, ok = 0;
+    unsigned long domain, point;
 
     (void) self;
     memset(&st, 0, sizeof st);
-    if (!PyArg_ParseTuple(args, "OndKOOO:bridge_batch", &samples, &start,
-                          &now, &st.default_count, &st.heads_for,
-                          &st.tos_fields, &cache)) {
+    if (!PyArg_ParseTuple(args, "OndO!OO:sample_batch", &samples, &start,
+                          &now, &PyTuple_Type, &params, &cache, &stats)) {
         return NULL;
     }
-    if (!PyTuple_Check(st.tos_fields)
-        || PyTuple_GET_SIZE(st.tos_fields) != 256) {
-        PyErr_SetString(PyExc_TypeError, "tos_fields: a tuple of 256");
+    if (!PyArg_ParseTuple(params, "O!O!pKkkppOy*:sample_batch params",
+                          &PyType_Type, &st.bridge_cls, &PyType_Type,
+                          &st.flow_cls, &st.is_bridge, &st.default_count,
+                          &domain, &point, &st.enable_in, &st.enable_out,
+                          &st.ports_for, &tids)) {
         return NULL;
     }
+    if (tids.len != 2 * N_LAYOUTS || domain > 0xFFFFFFFFUL
+        || point > 0xFFFFFFFFUL) {
+        PyBuffer_Release(&tids);
+        PyErr_SetString(PyExc_ValueError, "sample_batch: bad params");
+        return NULL;
+    }
+    st.tids = tids.buf;
+    st.domain = (uint32_t) domain;
+    st.point = (uint32_t) point;
     seq = PySequence_Fast(samples, "samples must be a sequence");
     if (!seq) {
-        return NULL;
+        goto out;
     }
     index = PyObject_GetAttrString(cache, "index");
     insert = PyObject_GetAttrString(cache, "_insert");
@@ -640,9 +1099,13 @@ bridge_batch(PyObject *self, PyObject *args)
         /* 2. Look them up, up to the first new flow. */
         miss = ng;
         for (j = 0; j < ng; j++) {
-            PyObject *slot_o = PyDict_GetItemWithError(index, g[j].key);
+            PyObject *slot_o;
             Py_ssize_t slot;
 
+            if (g[j].action != TAKE_CACHE) {
+                continue;
+            }
+            slot_o = PyDict_GetItemWithError(index, g[j].key);
             if (!slot_o) {
                 if (PyErr_Occurred()) {
                     goto out;
@@ -672,16 +1135,24 @@ bridge_batch(PyObject *self, PyObject *args)
         /* 3. Update the flows found (the updates commute: sums, min,
          * max, or, the same end time). */
         for (j = 0; j < miss; j++) {
-            apply_update(&arr, &g[j], now);
+            if (g[j].action == TAKE_CACHE) {
+                apply_update(&arr, &g[j], now);
+            }
+            count_sample(delta, &g[j]);
         }
-        n_fast += miss;
         if (miss < ng) {
             /* A new flow.  The samples taken after it are taken again
              * (one of them may be the same flow). */
             struct taken *t = &g[miss];
-            int r = insert_new(&ins, cache, index, &arr, t, now);
+            int r;
 
+            /* Counted before it goes in, as Exporter._sample counts it
+             * before FlowCache.add (so an exception there leaves the
+             * same statistics on either path). */
+            count_sample(delta, t);
+            r = insert_new(&ins, cache, index, &arr, t, now);
             if (r < 0) {
+                i += miss + 1;
                 goto out;
             }
             if (r == 0) {
@@ -695,15 +1166,18 @@ bridge_batch(PyObject *self, PyObject *args)
                                             t->count, t->frame_len,
                                             t->ip_len, t->tcp_flags);
                 if (!res) {
+                    i += miss + 1;
                     goto out;
                 }
                 Py_DECREF(res);
+                delta[S_FLOWS]++;
                 if (arrays_acquire(&arr, cache) < 0) {
+                    i += miss + 1;
                     goto out;
                 }
+            } else {
+                delta[S_FLOWS]++;
             }
-            n_new++;
-            n_fast++;
             stop = 0;
             miss++;
         }
@@ -724,31 +1198,21 @@ out:
     }
     arrays_release(&arr);
     inserter_clear(&ins);
-    Py_XDECREF(st.heads);
+    batch_state_clear(&st);
+    PyBuffer_Release(&tids);
     Py_XDECREF(insert);
     Py_XDECREF(index);
-    Py_DECREF(seq);
+    Py_XDECREF(seq);
+    if (stats_add(stats, delta) < 0 && ok) {
+        return NULL;
+    }
     if (!ok) {
         return NULL;
     }
-    return Py_BuildValue("nnn", i, n_fast, n_new);
+    return PyLong_FromSsize_t(i);
 }
 
 /* ------------------------------------------------------------ decoding */
-
-static inline uint32_t
-get_u32(const unsigned char *p)
-{
-    return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16
-           | (uint32_t) p[2] << 8 | p[3];
-}
-
-static inline uint16_t
-get_u16(const unsigned char *p)
-{
-    return (uint16_t) (p[0] << 8 | p[1]);
-}
-
 #define A_FRAME 5
 #define A_ORIG_LEN 6
 
@@ -956,16 +1420,6 @@ put_u64(unsigned char *p, uint64_t v)
         v >>= 8;
     }
     return p + 8;
-}
-
-static inline unsigned char *
-put_u32(unsigned char *p, uint32_t v)
-{
-    p[0] = (unsigned char) (v >> 24);
-    p[1] = (unsigned char) (v >> 16);
-    p[2] = (unsigned char) (v >> 8);
-    p[3] = (unsigned char) v;
-    return p + 4;
 }
 
 /* Python's int(round(x)) for a float: halves to even. */
@@ -1217,7 +1671,8 @@ out:
 }
 
 static PyMethodDef methods[] = {
-    {"bridge_batch", bridge_batch, METH_VARARGS, bridge_batch_doc},
+    {"sample_batch", sample_batch, METH_VARARGS, sample_batch_doc},
+    {"parse_key", parse_key, METH_VARARGS, parse_key_doc},
     {"decode_hits", decode_hits, METH_VARARGS, decode_hits_doc},
     {"pack_records", pack_records, METH_VARARGS, pack_records_doc},
     {"expired_flows", expired_flows, METH_VARARGS, expired_flows_doc},
@@ -1227,7 +1682,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     "ovs_ipfix_py._fastpath",
-    "The bridge-sample hot path in C (optional; see exporter.py).",
+    "The sample hot path in C (optional; see fastpath.py).",
     -1,
     methods,
     NULL, NULL, NULL, NULL,

@@ -31,6 +31,7 @@ from ovs_ipfix_py.options import (
     FlowExporterOptions,
 )
 from ovs_ipfix_py.ratelimit import RateLimitedLog
+from ovs_ipfix_py.upcall import BridgeSample, FlowSample
 
 log = RateLimitedLog("exporter")
 
@@ -48,7 +49,14 @@ _AGG_LAYOUT = {
 }
 _STATS_RECORD = struct.Struct("!IQQQ")
 _BFD_PORTS = (3784, 3785)
-_BFD_DPORTS = (b"\x0e\xc8", b"\x0e\xc9")
+#: Template id of each layout, by ((l2 * 3 + l3) * 5 + l4) * 2 +
+#: direction, as big-endian u16: the C key builder's table.
+_TEMPLATE_IDS = b"".join(
+    struct.pack("!H", t.template_id(l2, l3, l4, d))
+    for l2 in (t.L2_ETH, t.L2_VLAN)
+    for l3 in (t.L3_NONE, t.L3_IPV4, t.L3_IPV6)
+    for l4 in (t.L4_NONE, t.L4_TCP, t.L4_UDP, t.L4_SCTP, t.L4_ICMP)
+    for d in (t.INGRESS, t.EGRESS))
 
 
 class ExporterStats:
@@ -114,7 +122,17 @@ class Exporter:
         o = self.options
         if self.is_bridge:
             self._count = UINT32_MAX // o.probability
-        self._heads = {}
+        self._ports = {}
+        # What the C loop needs to know (fastpath.C.sample_batch).
+        if self.is_bridge:
+            self._c_params = (
+                BridgeSample, FlowSample, True, self._count,
+                o.obs_domain_id, o.obs_point_id & UINT32_MAX,
+                o.enable_input_sampling, o.enable_output_sampling,
+                self._ports_for, _TEMPLATE_IDS)
+        else:
+            self._c_params = (BridgeSample, FlowSample, False, 0, 0, 0,
+                              False, False, self._ports_for, _TEMPLATE_IDS)
         # other_config:virtual_obs_id: sent after the key of every record
         # (a variable-length string, RFC 7011 section 7: 1-byte length),
         # in the templates that carry virtualObsID.
@@ -224,161 +242,66 @@ class Exporter:
                      obs_domain_id, obs_point_id, d, input_port,
                      output_port or 0, now, False)
 
-    def sample_bridge_batch(self, samples, now: float) -> None:
-        """Many bridge samples at once: the hot path.
+    def sample_batch(self, samples, now: float) -> None:
+        """Many samples at once: the hot path.
 
-        ``samples``: objects with ``frame``, ``orig_len``,
-        ``input_port``, ``output_port`` and ``probability``
-        (upcall.BridgeSample); each counts UINT32_MAX // its own
-        probability packets (the datapath may have sampled it at a rate
-        the IPFIX row no longer says).
-
-        Plain IPv4 frames (no VLAN, no IP options, not a later fragment)
-        carrying TCP, UDP, SCTP or ICMP take a fast path that builds the
-        key from slices of the frame; ``tests/test_exporter.py`` checks
-        that it gives exactly what ``packet.parse`` gives.  Everything
-        else goes through ``packet.parse``.  The fast path runs in C
-        when ``fastpath.C`` is built (same results:
-        ``tests/test_fastpath.py``), else in the Python below.
+        ``samples``: a list of upcall.BridgeSample and upcall.FlowSample
+        values, in any mix; each is aggregated exactly as
+        ``sample_bridge`` or ``sample_flow`` would (a bridge sample counts
+        UINT32_MAX // its own probability packets: the datapath may have
+        sampled it at a rate the IPFIX row no longer says).  With the C
+        extension built (``fastpath.C``) the key of every frame kind is
+        built in C and the cache updated there (same results:
+        ``tests/test_fastpath.py``); a sample it leaves (tunnel metadata,
+        a value out of range) goes through the methods below.  Without
+        it, every sample does (``packet.parse`` + ``FlowCache.add``).
         """
         if fastpath.C is not None:
-            self._sample_bridge_batch_c(samples, now)
-            return
-        heads_for = self._heads_for
-        add_many = self.cache.add_many
-        # Fast-path samples wait here and go to the cache in one call;
-        # a slow-path sample first sends them, so order is kept.
-        pending = []
-        push = pending.append
-        tos_fields = packet.TOS_FIELDS
-        bfd_dports = _BFD_DPORTS
-        n_v4 = flows = 0
-        # Probability and ports repeat from one sample to the next:
-        # look them up again only when they change.
-        last_p = last_in = last_out = count = h = None
-        for s in samples:
-            p = s.probability
-            if p != last_p:
-                count = UINT32_MAX // p if p else self._count
-                last_p = p
-            f = s.frame
-            out_port = s.output_port
-            in_port = s.input_port
-            if in_port != last_in or out_port != last_out:
-                h = heads_for(in_port, out_port)
-                last_in = in_port
-                last_out = out_port
-            if (h is not None and len(f) >= 42 and f[12] == 8
-                    and f[13] == 0 and f[14] == 0x45
-                    and not (f[20] & 0x1F or f[21])):
-                fast = h.get(f[23])
-                # The whole L4 header must lie inside the IP packet and
-                # the frame (else packet.parse zeroes the L4 fields).
-                if fast is not None and fast[4] <= (
-                        f[16] << 8 | f[17]) and fast[4] + 14 <= len(f) \
-                        and not (f[23] == 17 and f[36:38] in bfd_dports):
-                    head, mid, l4_end, is_tcp, _ = fast
-                    frame_len = s.orig_len
-                    if frame_len < len(f):
-                        frame_len = len(f)
-                    n_v4 += 1
-                    push((b"".join((head, f[6:12], f[0:6], mid, f[22:24],
-                                    tos_fields[f[15]], f[26:l4_end])),
-                          count, frame_len, frame_len - 14,
-                          ((f[46] & 0x0F) << 8 | f[47]) if is_tcp else 0))
-                    continue
-            if pending:
-                flows += add_many(pending, now)
-                pending.clear()
-            if out_port is None:
-                self.sample_bridge(f, s.orig_len, in_port, None, now, p)
-            else:
-                self.sample_bridge(f, s.orig_len, in_port, out_port, now,
-                                   p)
-        if pending:
-            flows += add_many(pending, now)
-        st = self.stats
-        st.pkts += n_v4
-        st.ipv4_ok += n_v4
-        st.flows += flows
-
-    def _sample_bridge_batch_c(self, samples, now: float) -> None:
-        """sample_bridge_batch through the C fast path: it aggregates
-        samples up to the first it does not take, which goes to
-        sample_bridge(), with the ones after it that are no plain IPv4
-        (a call into C costs as much as its set-up: IPv6 or VLAN
-        traffic must not pay it per sample); then C again."""
-        if type(samples) is not list:
-            samples = list(samples)
-        batch = fastpath.C.bridge_batch
-        count = self._count if self.is_bridge else 0
-        heads_for = self._heads_for
-        tos_fields = packet.TOS_FIELDS
-        cache = self.cache
-        st = self.stats
-        n = len(samples)
-        i = 0
-        while i < n:
-            i, fast, new = batch(samples, i, now, count, heads_for,
-                                 tos_fields, cache)
-            st.pkts += fast
-            st.ipv4_ok += fast
-            st.flows += new
+            batch = fastpath.C.sample_batch
+            if type(samples) is not list:
+                samples = list(samples)
+            params = self._c_params
+            cache = self.cache
+            st = self.stats
+            n = len(samples)
+            i = 0
             while i < n:
-                s = samples[i]
-                self.sample_bridge(s.frame, s.orig_len, s.input_port,
-                                   s.output_port, now, s.probability)
-                i += 1
-                # Back to C at the next frame that may be plain IPv4
-                # (EtherType 0x0800, a 20-byte IPv4 header).
-                if i < n and samples[i].frame[12:15] == b"\x08\x00\x45":
-                    break
+                i = batch(samples, i, now, params, cache, st)
+                if i < n:
+                    self._sample_one(samples[i], now)
+                    i += 1
+            return
+        for s in samples:
+            self._sample_one(s, now)
 
-    def _heads_for(self, in_port, out_port):
-        """The fast path's key pieces for a port pair (_fast_heads),
-        built once per pair and options."""
-        hk = (in_port, out_port)
-        try:
-            return self._heads[hk]
-        except KeyError:
-            h = self._heads[hk] = self._fast_heads(
-                self.options.obs_domain_id, self.options.obs_point_id,
-                in_port, out_port)
-            return h
+    #: The daemon's name for it before flow samples took the same path.
+    sample_bridge_batch = sample_batch
 
-    def _fast_heads(self, domain, point, in_port, out_port):
-        """Key pieces of the fast path for one (input, output) port pair:
-        {IP protocol: (prefix + head, middle, end of L4 part, is TCP,
-        IP packet bytes the fast path needs)},
-        or None when this direction is not sampled.
-        """
-        o = self.options
-        if out_port is None:
-            if not o.enable_input_sampling:
-                return None
-            direction, ports = t.INGRESS, struct.pack("!I", in_port)
+    def _sample_one(self, s, now: float) -> None:
+        if type(s) is FlowSample:
+            self.sample_flow(s.frame, s.orig_len, s.input_port,
+                             s.output_port, s.probability, s.obs_domain_id,
+                             s.obs_point_id, s.direction, now)
         else:
-            if not o.enable_output_sampling:
-                return None
-            direction = t.EGRESS
-            ports = struct.pack("!II", in_port, out_port)
-        out = {}
-        # (IP protocol, layout, end of the key's L4 slice, IP packet
-        # bytes needed: 20 of IP header + the whole L4 header).
-        for proto, l4, end, need in ((6, t.L4_TCP, 38, 40),
-                                     (17, t.L4_UDP, 38, 28),
-                                     (132, t.L4_SCTP, 38, 32),
-                                     (1, t.L4_ICMP, 36, 28)):
-            tid = t.template_id(t.L2_ETH, t.L3_IPV4, l4, direction)
-            head = KEY_PREFIX.pack(domain, tid) + struct.pack(
-                "!IB", point & UINT32_MAX, direction)
-            mid = b"\x08\x00\x0e" + ports + b"\x04"
-            out[proto] = (head, mid, end, proto == 6, need)
-        return out
+            self.sample_bridge(s.frame, s.orig_len, s.input_port,
+                               s.output_port, now, s.probability)
+
+    def _ports_for(self, in_port, out_port, direction) -> bytes:
+        """The key's interface part for a port pair and direction
+        (packet.ports_part), built once per pair and options; the C
+        loop calls it when the pair changes."""
+        pk = (in_port, out_port, direction)
+        try:
+            return self._ports[pk]
+        except KeyError:
+            b = self._ports[pk] = packet.ports_part(in_port, out_port or 0,
+                                                    direction)
+            return b
 
     def _sample(self, frame, orig_len, count, domain, point, direction,
                 in_port, out_port, now, skip_bfd):
-        fk = packet.parse(frame, point, direction, in_port, out_port)
+        fk = packet.parse(frame, point, direction, in_port, out_port,
+                          self._ports_for(in_port, out_port, direction))
         if skip_bfd and fk.udp_dst_port in _BFD_PORTS:
             return
         st = self.stats

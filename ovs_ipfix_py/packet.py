@@ -26,7 +26,7 @@ default vlan-limit of 1 reports such frames as non-IP with ethernetType
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from ovs_ipfix_py import templates as t
 
@@ -65,6 +65,7 @@ _IPV6_EXT = frozenset((_IPV6_EXT_HOPOPTS, _IPV6_EXT_ROUTING,
 _ZERO4 = bytes(4)
 _ZERO16 = bytes(16)
 _U32 = struct.Struct("!I")
+_PORTS2 = struct.Struct("!II")
 _HEAD = struct.Struct("!IB")          # observationPointId, flowDirection
 _VLAN = struct.Struct("!HHB")         # vlanId, dot1qVlanId, dot1qPriority
 _IP_COMMON = struct.Struct("!BBBBBB")  # version, TTL, proto, DSCP, prec, TOS
@@ -93,12 +94,15 @@ class FlowKey(NamedTuple):
 
 
 def parse(frame: bytes, obs_point_id: int = 0, direction: int = t.INGRESS,
-          input_port: int = 0, output_port: int = 0) -> FlowKey:
+          input_port: int = 0, output_port: int = 0,
+          interface: Optional[bytes] = None) -> FlowKey:
     """Parse ``frame`` into its encoded flow key.  Never raises.
 
     ``obs_point_id``, ``direction`` (templates.INGRESS or EGRESS),
     ``input_port`` and ``output_port`` (u32 port numbers; the output
-    port is only encoded for egress) are part of the key.
+    port is only encoded for egress) are part of the key.  The key's
+    interface part is ``interface`` when given (the exporter's, built
+    once per port pair), else ``ports_part`` of the ports.
     """
     n = len(frame)
     if n < 14:
@@ -126,9 +130,8 @@ def parse(frame: bytes, obs_point_id: int = 0, direction: int = t.INGRESS,
         etype = ETH_TYPE_NONE
 
     head = _HEAD.pack(obs_point_id & 0xFFFFFFFF, direction)
-    ports = _U32.pack(input_port & 0xFFFFFFFF)
-    if direction == t.EGRESS:
-        ports += _U32.pack(output_port & 0xFFFFFFFF)
+    ports = (ports_part(input_port, output_port, direction)
+             if interface is None else interface)
     l2part = b"".join((head, f[6:12], f[0:6], bytes((etype >> 8,
                                                      etype & 0xFF, off)),
                        ports, vlan))
@@ -144,6 +147,16 @@ def parse(frame: bytes, obs_point_id: int = 0, direction: int = t.INGRESS,
                        l2part, off, False, 0, OTHER, -1)
     return FlowKey(t.template_id(l2, l3, l4, direction), l2part + l3part,
                    off, True, tcp_flags, kind, dport)
+
+
+def ports_part(input_port: int, output_port: int, direction: int) -> bytes:
+    """The key's interface part: ingressInterface, and egressInterface
+    for egress (u32 port numbers).  The C key builder takes these bytes
+    as they are (``Exporter._ports_for``)."""
+    if direction == t.EGRESS:
+        return _PORTS2.pack(input_port & 0xFFFFFFFF,
+                            output_port & 0xFFFFFFFF)
+    return _U32.pack(input_port & 0xFFFFFFFF)
 
 
 def _l4(f, off, end, proto, l4, later_fragment):

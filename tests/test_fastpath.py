@@ -25,13 +25,20 @@ import sys
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
+import traffic as tr
 from support.inputs import bridge_options, frames, upcalls
 
-from ovs_ipfix_py import fastpath, upcall
-from ovs_ipfix_py.exporter import Exporter, pack_records
+from ovs_ipfix_py import fastpath, packet, upcall
+from ovs_ipfix_py.exporter import (
+    _TEMPLATE_IDS,
+    KEY_PREFIX,
+    Exporter,
+    pack_records,
+)
 from ovs_ipfix_py.flowcache import U64_MAX, ExpiredFlow
 from ovs_ipfix_py.options import UINT32_MAX, CacheOptions
-from ovs_ipfix_py.upcall import BridgeSample
+from ovs_ipfix_py.templates import EGRESS, INGRESS
+from ovs_ipfix_py.upcall import BridgeSample, FlowSample, Tunnel
 
 C = fastpath.C
 
@@ -63,8 +70,8 @@ def cache_state(exp):
 
 @contextlib.contextmanager
 def pure_python():
-    """The pure-Python fast path for the duration (what
-    OVS_IPFIX_PY_PURE=1 gives at import)."""
+    """The pure-Python path for the duration (what OVS_IPFIX_PY_PURE=1
+    gives at import)."""
     saved = fastpath.C
     fastpath.C = None
     try:
@@ -73,70 +80,171 @@ def pure_python():
         fastpath.C = saved
 
 
-def run_three(batches, opts):
-    """Feed the same batches to three exporters: C batch path, Python
-    batch path, general path; return their cache states."""
-    c_exp, py_exp, gen_exp = (Exporter(opts, 0.0) for _ in range(3))
+def feed_one_by_one(exp, batch, now):
+    """The general path: sample_bridge / sample_flow, one sample at a
+    time (packet.parse + FlowCache.add)."""
+    for s in batch:
+        if type(s) is FlowSample:
+            exp.sample_flow(s.frame, s.orig_len, s.input_port,
+                            s.output_port, s.probability, s.obs_domain_id,
+                            s.obs_point_id, s.direction, now)
+        else:
+            exp.sample_bridge(s.frame, s.orig_len, s.input_port,
+                              s.output_port, now, s.probability)
+
+
+def run_three(batches, opts, prepare=None):
+    """Feed the same batches to three exporters: C batch path, pure
+    Python batch path, general path; return their cache states (and
+    the exception each raised, if any).  ``prepare(exporter)`` may
+    rig an exporter before it runs."""
+    exps = [Exporter(opts, 0.0) for _ in range(3)]
     try:
-        for now, batch in batches:
-            c_exp.sample_bridge_batch(batch, now)
+        if prepare:
+            for e in exps:
+                prepare(e)
+        raised = [None, None, None]
+
+        def run(k, fn):
+            try:
+                for now, batch in batches:
+                    fn(exps[k], batch, now)
+            except Exception as e:          # compared below
+                raised[k] = repr(e)
+
+        run(0, lambda e, b, now: e.sample_batch(b, now))
         with pure_python():
-            for now, batch in batches:
-                py_exp.sample_bridge_batch(batch, now)
-        for now, batch in batches:
-            for s in batch:
-                gen_exp.sample_bridge(s.frame, s.orig_len, s.input_port,
-                                      s.output_port, now, s.probability)
-        states = [cache_state(e) for e in (c_exp, py_exp, gen_exp)]
+            run(1, lambda e, b, now: e.sample_batch(b, now))
+            run(2, feed_one_by_one)
+        states = [cache_state(e) + [raised[k]] for k, e in enumerate(exps)]
         # Then a flush (FlowCache.flush: C expired_flows, or Python).
-        c_exp.cache.flush(1e6)
+        exps[0].cache.flush(1e6)
         with pure_python():
-            py_exp.cache.flush(1e6)
-            gen_exp.cache.flush(1e6)
-        for state, e in zip(states, (c_exp, py_exp, gen_exp)):
+            exps[1].cache.flush(1e6)
+            exps[2].cache.flush(1e6)
+        for state, e in zip(states, exps):
             state.append(e.cache.take_expired())
         return states
     finally:
-        for e in (c_exp, py_exp, gen_exp):
+        for e in exps:
+            e._c_params = Exporter(opts, 0.0)._c_params
             e.close(1e7)
 
 
-SAMPLE = st.tuples(
-    frames(),
-    st.sampled_from([0, 0, 1, 40, UINT32_MAX - 60]),   # extra orig length
-    st.sampled_from([1, 2]),                           # input port
-    st.sampled_from([None, None, 3]),                  # output port
-    st.sampled_from([0, 1, 2, 400, UINT32_MAX]))       # probability
+MIX_FRAMES, _ = tr.traffic_mix(3, 2)
+
+
+@st.composite
+def any_frames(draw):
+    """Every frame kind: frames() (IPv4/IPv6, tags, options, extension
+    headers, fragments, damaged and cut), traffic_mix's frames (ARP, LLC,
+    QinQ, GRE, BFD, runts, ...) maybe cut or changed, and random
+    bytes."""
+    which = draw(st.integers(0, 3))
+    if which == 0:
+        return draw(st.binary(max_size=90))
+    if which == 1:
+        return draw(frames())
+    f = bytearray(draw(st.sampled_from(MIX_FRAMES)))
+    if which == 3:
+        for pos, value in draw(st.lists(st.tuples(
+                st.integers(0, 90), st.integers(0, 255)), max_size=3)):
+            if pos < len(f):
+                f[pos] = value
+        f = f[:draw(st.integers(0, len(f)))]
+    return bytes(f)
+
+
+EXTRA = st.sampled_from([0, 0, 1, 40, UINT32_MAX - 60])    # orig length
+TUNNEL = Tunnel(b"\x0a\0\0\x01", b"\x0a\0\0\x02", 1, 4789, 77, 1)
+
+
+@st.composite
+def samples(draw):
+    """A bridge sample or a flow sample (its own obs ids, 16-bit
+    probability, direction rule), now and then with tunnel metadata."""
+    f = draw(any_frames())
+    orig = min(len(f) + draw(EXTRA), UINT32_MAX)
+    tunnel = draw(st.sampled_from([None] * 9 + [TUNNEL]))
+    in_port = draw(st.sampled_from([1, 2, UINT32_MAX]))
+    out_port = draw(st.sampled_from([None, None, 3, 0]))
+    if draw(st.integers(0, 2)):
+        return BridgeSample("br0", in_port, out_port,
+                            draw(st.sampled_from([0, 1, 2, 400,
+                                                  UINT32_MAX])),
+                            f, orig, tunnel)
+    return FlowSample("br0", 5, draw(st.sampled_from([0, 7, UINT32_MAX])),
+                      draw(st.sampled_from([0, 8, UINT32_MAX])),
+                      draw(st.sampled_from([0, 1, 3, 65535])),
+                      draw(st.sampled_from([0, 1, 2, 7])), in_port,
+                      out_port, f, orig, tunnel)
 
 
 @needs_c
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=400, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.lists(SAMPLE, min_size=0, max_size=30), min_size=1,
+@given(st.lists(st.lists(samples(), min_size=0, max_size=30), min_size=1,
                 max_size=4),
        st.sampled_from([0, 1, 3, 1000]), st.sampled_from([0, 2, 3600]),
        st.booleans(), st.booleans())
 def test_c_equals_python_equals_general(batches, max_flows, timeout, in_s,
                                         out_s):
+    """Keys, slots, aggregates, expiry order, expired flows and every
+    counter (pkts, ipv4/ipv6 ok and errs, errs, flows, dropped) agree,
+    bridge and flow samples of every frame kind mixed in one batch."""
     opts = bridge_options(sampling=3, domain=7, point=8,
                           input_sampling=in_s, output_sampling=out_s,
                           cache=CacheOptions(timeout, max_flows))
-    fed = [(1.0 + i, [BridgeSample("br0", i_p, o_p, p, f,
-                                   min(len(f) + extra, UINT32_MAX))
-                      for f, extra, i_p, o_p, p in batch])
-           for i, batch in enumerate(batches)]
+    fed = [(1.0 + i, batch) for i, batch in enumerate(batches)]
     c_state, py_state, gen_state = run_three(fed, opts)
     assert c_state == py_state
-    # The general path adds one sample at a time: same flows and
-    # aggregates (slots may differ only by the batching, they do not).
     assert c_state == gen_state
+
+
+@needs_c
+@settings(max_examples=1500, deadline=None)
+@given(any_frames(), st.integers(0, UINT32_MAX), st.integers(0, UINT32_MAX),
+       st.sampled_from([INGRESS, EGRESS]),
+       st.sampled_from([(1, 0), (0xFFFFFFFF, 3), (7, 0xFFFFFFFF)]))
+def test_c_key_equals_packet_parse(frame, domain, point, direction, ports):
+    """The C key builder alone, on every frame kind and damaged frames:
+    the key bytes (template id included), Ethernet header length, IP or
+    not, TCP flags, classification and UDP port are packet.parse's."""
+    fk = packet.parse(frame, point, direction, *ports)
+    part = packet.ports_part(ports[0], ports[1], direction)
+    assert C.parse_key(frame, domain, point, direction, part,
+                       _TEMPLATE_IDS) == (
+        KEY_PREFIX.pack(domain, fk.template_id) + fk.key,
+        fk.eth_header_len, fk.is_ip, fk.tcp_flags, fk.kind,
+        fk.udp_dst_port)
+
+
+@needs_c
+def test_every_mix_frame_takes_the_c_path():
+    """No frame kind of traffic_mix goes back to Python one sample at a
+    time: with the general path disabled, a batch of all of them still
+    aggregates (bridge and flow samples)."""
+    batch = [BridgeSample("br0", 1, None, 1, f, len(f))
+             for f in MIX_FRAMES]
+    batch += [FlowSample("br0", 5, 9, 10, 65535, 0, 2, 3, f, len(f))
+              for f in MIX_FRAMES]
+    exp = Exporter(bridge_options(), 0.0)
+    try:
+        def refuse(s, now):
+            raise AssertionError("general path for %r" % (s,))
+        exp._sample_one = refuse
+        exp.sample_batch(batch, 1.0)
+        bfd = sum(1 for f in MIX_FRAMES if tr.is_bfd(f))
+        assert exp.stats.pkts == len(batch) - bfd
+        assert exp.stats.ipv6_ok and exp.stats.ipv4_errs
+    finally:
+        exp.close(2.0)
 
 
 @needs_c
 def test_counters_saturate_in_c():
     """Two samples of 2^32-1 packets of 2^32-1 bytes: the octet counts
     reach 2^64-1 and stay there; the packet count does not saturate."""
-    import traffic as tr
     f = tr.ethernet(tr.ipv4(tr.udp(1, 2), proto=17))
     big = UINT32_MAX
     s = BridgeSample("br0", 1, None, 1, f, big)
@@ -153,10 +261,10 @@ def test_counters_saturate_in_c():
 def test_growth_during_a_batch():
     """More new flows in one call than the arrays have slots: _insert
     grows them while the C loop holds none of their buffers."""
-    import traffic as tr
     batch = [BridgeSample("br0", 1, None, 1,
-                          tr.ethernet(tr.ipv4(tr.udp(i & 0xFFFF, i >> 16),
-                                              proto=17)), 60)
+                          tr.ethernet(tr.ipv6(tr.udp(i & 0xFFFF, i >> 16),
+                                              proto=17),
+                                      ethertype=tr.ETH_TYPE_IPV6), 60)
              for i in range(5000)]
     batch += batch[::-7]
     opts = bridge_options()
@@ -165,20 +273,88 @@ def test_growth_during_a_batch():
     assert len(c_state[0]) == 5000
 
 
+def _mixed_batch(n=60):
+    frames_ = [MIX_FRAMES[i * 7 % len(MIX_FRAMES)] for i in range(n)]
+    return [BridgeSample("br0", 1 + (i % 3), None, 1, f, len(f))
+            if i % 2 else
+            FlowSample("br0", 5, 9, 10, 65535, 0, 1 + (i % 3), 3, f,
+                       len(f)) for i, f in enumerate(frames_)]
+
+
+@needs_c
+def test_exception_from_ports_for_leaves_both_paths_alike():
+    """ports_for raising in the middle of a C batch: the C loop leaves
+    the sample to the general path, which raises; cache and counters
+    hold every sample before it, as on the pure-Python path."""
+    def prepare(exp):
+        real = exp._ports_for
+
+        def ports_for(in_port, out_port, direction):
+            if in_port == 3:
+                raise RuntimeError("no such port")
+            return real(in_port, out_port, direction)
+        exp._ports_for = ports_for
+        exp._c_params = exp._c_params[:8] + (ports_for,) + \
+            exp._c_params[9:]
+    states = run_three([(1.0, _mixed_batch())], bridge_options(),
+                       prepare)
+    assert states[0] == states[1] == states[2]
+    assert "no such port" in states[0][8]
+    assert states[0][7]["pkts"] > 0
+
+
+@needs_c
+@pytest.mark.parametrize("max_flows", [0, 3])
+def test_exception_from_insert_leaves_both_paths_alike(max_flows):
+    """FlowCache._insert raising for one flow (called from inside the C
+    loop: the fifth new flow, when the cache is full): the same cache
+    and counters as the Python paths."""
+    batch = _mixed_batch()
+    probe = Exporter(bridge_options(), 0.0)
+    try:
+        probe.sample_batch(batch, 1.0)
+        victim = list(probe.cache.order)[4]
+    finally:
+        probe.close(2.0)
+
+    def prepare(exp):
+        real = exp.cache._insert
+
+        def insert(key, *args):
+            if key == victim:
+                raise MemoryError("full")
+            return real(key, *args)
+        exp.cache._insert = insert
+    states = run_three([(1.0, batch)], bridge_options(
+        cache=CacheOptions(3600, max_flows)), prepare)
+    assert states[0] == states[1] == states[2]
+    assert "full" in states[0][8]
+
+
 @needs_c
 def test_bad_arguments_raise_not_crash():
     exp = Exporter(bridge_options(), 0.0)
     try:
+        p = exp._c_params
         with pytest.raises(TypeError):
-            C.bridge_batch([], 0, 1.0, 1, exp._heads_for, (b"",) * 3,
-                           exp.cache)
+            C.sample_batch([], 0, 1.0, p[:5], exp.cache, exp.stats)
+        with pytest.raises(ValueError):
+            C.sample_batch([], 0, 1.0, p[:9] + (b"short",), exp.cache,
+                           exp.stats)
         with pytest.raises(TypeError):
-            C.bridge_batch(5, 0, 1.0, 1, exp._heads_for,
-                           (b"",) * 256, exp.cache)
-        # Objects that are not BridgeSample tuples stop the C loop at
-        # once; the exporter hands them to the general path.
-        assert C.bridge_batch([object()], 0, 1.0, 1, exp._heads_for,
-                              (b"",) * 256, exp.cache) == (0, 0, 0)
+            C.sample_batch(5, 0, 1.0, p, exp.cache, exp.stats)
+        # Objects that are not samples stop the C loop at once; the
+        # exporter hands them to the general path.
+        assert C.sample_batch([object()], 0, 1.0, p, exp.cache,
+                              exp.stats) == 0
+        # A flow exporter leaves bridge samples to the general path.
+        f = tr.ethernet(tr.ipv4(tr.udp(1, 2), proto=17))
+        s = BridgeSample("br0", 1, None, 1, f, len(f))
+        assert C.sample_batch([s], 0, 1.0, (p[0], p[1], False) + p[3:],
+                              exp.cache, exp.stats) == 0
+        assert C.sample_batch([s, s], 0, 1.0, p, exp.cache,
+                              exp.stats) == 2
+        assert exp.stats.pkts == 2 and exp.stats.flows == 1
     finally:
         exp.close(1.0)
 

@@ -24,8 +24,8 @@ import sys
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, given, settings
 import traffic as tr
+from hypothesis import HealthCheck, given, settings
 from support.inputs import bridge_options, frames, upcalls
 
 from ovs_ipfix_py import fastpath, packet, upcall

@@ -49,6 +49,7 @@ _AGG_LAYOUT = {
 }
 _STATS_RECORD = struct.Struct("!IQQQ")
 _BFD_PORTS = (3784, 3785)
+_BFD_DPORTS = (b"\x0e\xc8", b"\x0e\xc9")
 #: Template id of each layout, by ((l2 * 3 + l3) * 5 + l4) * 2 +
 #: direction, as big-endian u16: the C key builder's table.
 _TEMPLATE_IDS = b"".join(
@@ -123,6 +124,7 @@ class Exporter:
         if self.is_bridge:
             self._count = UINT32_MAX // o.probability
         self._ports = {}
+        self._heads = {}
         # What the C loop needs to know (fastpath.C.sample_batch).
         if self.is_bridge:
             self._c_params = (
@@ -254,7 +256,10 @@ class Exporter:
         built in C and the cache updated there (same results:
         ``tests/test_fastpath.py``); a sample it leaves (tunnel metadata,
         a value out of range) goes through the methods below.  Without
-        it, every sample does (``packet.parse`` + ``FlowCache.add``).
+        it, plain IPv4 bridge samples take the Python twin of that loop
+        (``_sample_batch_py``: it doubles the pure-Python speed, see
+        tools/BENCHMARKS.md) and everything else goes through those
+        methods (``packet.parse`` + ``FlowCache.add``).
         """
         if fastpath.C is not None:
             batch = fastpath.C.sample_batch
@@ -271,11 +276,123 @@ class Exporter:
                     self._sample_one(samples[i], now)
                     i += 1
             return
-        for s in samples:
-            self._sample_one(s, now)
+        self._sample_batch_py(samples, now)
 
     #: The daemon's name for it before flow samples took the same path.
     sample_bridge_batch = sample_batch
+
+    def _sample_batch_py(self, samples, now: float) -> None:
+        """sample_batch in pure Python.  Plain IPv4 bridge samples (no
+        VLAN, no IP options, not a later fragment, no tunnel) carrying
+        TCP, UDP, SCTP or ICMP get their key from slices of the frame;
+        ``tests/test_exporter.py`` checks that it is exactly what
+        ``packet.parse`` gives.  Everything else goes through
+        ``_sample_one``."""
+        heads_for = self._heads_for
+        add_many = self.cache.add_many
+        # Fast-path samples wait here and go to the cache in one call;
+        # a slow-path sample first sends them, so order is kept.
+        pending = []
+        push = pending.append
+        tos_fields = packet.TOS_FIELDS
+        bfd_dports = _BFD_DPORTS
+        n_v4 = flows = 0
+        # Probability and ports repeat from one sample to the next:
+        # look them up again only when they change.
+        last_p = last_in = last_out = count = h = None
+        try:
+            for s in samples:
+                if type(s) is not BridgeSample or s.tunnel is not None:
+                    h = None
+                else:
+                    p = s.probability
+                    if p != last_p:
+                        count = UINT32_MAX // p if p else self._count
+                        last_p = p
+                    out_port = s.output_port
+                    in_port = s.input_port
+                    if in_port != last_in or out_port != last_out or h is None:
+                        h = heads_for(in_port, out_port)
+                        last_in = in_port
+                        last_out = out_port
+                f = s.frame
+                if (h is not None and len(f) >= 42 and f[12] == 8
+                        and f[13] == 0 and f[14] == 0x45
+                        and not (f[20] & 0x1F or f[21])):
+                    fast = h.get(f[23])
+                    # The whole L4 header must lie inside the IP packet and
+                    # the frame (else packet.parse zeroes the L4 fields).
+                    if fast is not None and fast[4] <= (
+                            f[16] << 8 | f[17]) and fast[4] + 14 <= len(f) \
+                            and not (f[23] == 17 and f[36:38] in bfd_dports):
+                        head, mid, l4_end, is_tcp, _ = fast
+                        frame_len = s.orig_len
+                        if frame_len < len(f):
+                            frame_len = len(f)
+                        n_v4 += 1
+                        push((b"".join((head, f[6:12], f[0:6], mid, f[22:24],
+                                        tos_fields[f[15]], f[26:l4_end])),
+                              count, frame_len, frame_len - 14,
+                              ((f[46] & 0x0F) << 8 | f[47]) if is_tcp else 0))
+                        continue
+                if pending:
+                    todo = pending[:]
+                    pending.clear()
+                    flows += add_many(todo, now)
+                self._sample_one(s, now)
+        finally:
+            # Also when a sample raises: the samples before it are
+            # aggregated and counted, as on the C path.
+            if pending:
+                todo = pending[:]
+                pending.clear()
+                flows += add_many(todo, now)
+            st = self.stats
+            st.pkts += n_v4
+            st.ipv4_ok += n_v4
+            st.flows += flows
+
+    def _heads_for(self, in_port, out_port):
+        """The Python fast path's key pieces for a port pair
+        (_fast_heads), built once per pair and options."""
+        hk = (in_port, out_port)
+        try:
+            return self._heads[hk]
+        except KeyError:
+            h = self._heads[hk] = self._fast_heads(
+                self.options.obs_domain_id, self.options.obs_point_id,
+                in_port, out_port)
+            return h
+
+    def _fast_heads(self, domain, point, in_port, out_port):
+        """Key pieces of the Python fast path for one (input, output)
+        port pair: {IP protocol: (prefix + head, middle, end of L4 part,
+        is TCP, IP packet bytes the fast path needs)}, or None when this
+        direction is not sampled.
+        """
+        o = self.options
+        if out_port is None:
+            if not o.enable_input_sampling:
+                return None
+            direction = t.INGRESS
+        else:
+            if not o.enable_output_sampling:
+                return None
+            direction = t.EGRESS
+        ports = self._ports_for(in_port, out_port or 0, direction)
+        out = {}
+        # (IP protocol, layout, end of the key's L4 slice, IP packet
+        # bytes needed: 20 of IP header + the whole L4 header).
+        for proto, l4, end, need in ((6, t.L4_TCP, 38, 40),
+                                     (17, t.L4_UDP, 38, 28),
+                                     (132, t.L4_SCTP, 38, 32),
+                                     (1, t.L4_ICMP, 36, 28)):
+            tid = t.template_id(t.L2_ETH, t.L3_IPV4, l4, direction)
+            head = KEY_PREFIX.pack(domain, tid) + struct.pack(
+                "!IB", point & UINT32_MAX, direction)
+            mid = b"\x08\x00\x0e" + ports + b"\x04"
+            out[proto] = (head, mid, end, proto == 6, need)
+        return out
 
     def _sample_one(self, s, now: float) -> None:
         if type(s) is FlowSample:

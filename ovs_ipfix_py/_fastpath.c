@@ -26,6 +26,8 @@
  *   type) it stops and says where: the caller hands that sample to the
  *   general path and calls again, so samples are aggregated in order.
  * - parse_key(): the key builder alone, checked against packet.parse.
+ * - pcap_datagram(): ovs-ipfix-replay's loop, classic pcap records to
+ *   upcall datagrams as upcall.FrameBatcher builds them.
  * - expired_flows(): FlowCache.flush's ExpiredFlow records.
  * - pack_records(): exporter.pack_records, data records of one template.
  */
@@ -1670,9 +1672,138 @@ out:
     return list;
 }
 
+/* ------------------------------------------------------------ replay */
+
+#define CHANNEL_MAGIC 0x4F495058UL  /* upcall.MAGIC */
+#define CHANNEL_VERSION 1
+#define CHANNEL_HEADER 12           /* upcall.HEADER.size */
+#define MAX_UPCALLS 0xFFFF          /* upcall.MAX_UPCALLS_PER_DATAGRAM */
+#define PCAP_MAX_RECORD (16 << 20)  /* pcap.MAX_RECORD */
+
+static inline uint32_t
+get_u32_order(const unsigned char *p, int little)
+{
+    return little ? (uint32_t) p[3] << 24 | (uint32_t) p[2] << 16
+                    | (uint32_t) p[1] << 8 | p[0]
+                  : get_u32(p);
+}
+
+PyDoc_STRVAR(pcap_datagram_doc,
+"pcap_datagram(buf, offset, little, limit, kind, prefix, max_size)\n"
+"    -> (offset, datagram, n)\n"
+"\n"
+"The replay's hot loop in C: the records of a classic pcap file (buf,\n"
+"from offset; little: its byte order) as upcalls of one datagram, as\n"
+"upcall.FrameBatcher builds them (frames longer than limit truncated,\n"
+"their original length kept; kind and prefix: FrameBatcher's, from\n"
+"upcall._prefix), as many as fit in max_size bytes.  Returns the\n"
+"offset of the first record not taken, the datagram (None when empty)\n"
+"and its upcall count.  It stops before a record it cannot take\n"
+"(truncated, too large, a frame that fits no datagram): the Python\n"
+"reader and batcher take over there and report it.");
+
+static PyObject *
+pcap_datagram(PyObject *self, PyObject *args)
+{
+    Py_buffer buf, prefix;
+    Py_ssize_t off, limit, max_size, used = CHANNEL_HEADER, count = 0;
+    int little, kind;
+    PyObject *d = NULL, *res = NULL;
+    unsigned char *out;
+    const unsigned char *b;
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "y*npniy*n:pcap_datagram", &buf, &off,
+                          &little, &limit, &kind, &prefix, &max_size)) {
+        return NULL;
+    }
+    if (off < 0 || limit < 0 || limit > 0xFFFF - 4 || kind < 0
+        || kind > 0xFFFF || max_size < CHANNEL_HEADER + 8
+        || max_size > (1 << 20) || prefix.len > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "pcap_datagram: bad argument");
+        goto out;
+    }
+    d = PyBytes_FromStringAndSize(NULL, max_size);
+    if (!d) {
+        goto out;
+    }
+    out = (unsigned char *) PyBytes_AS_STRING(d);
+    b = buf.buf;
+    while (off + 16 <= buf.len && count < MAX_UPCALLS) {
+        uint32_t incl = get_u32_order(b + off + 8, little);
+        uint32_t orig = get_u32_order(b + off + 12, little);
+        Py_ssize_t start = off + 16, n, pad, total;
+        unsigned char *u;
+
+        if (incl > PCAP_MAX_RECORD || (Py_ssize_t) incl > buf.len - start) {
+            break;
+        }
+        if (orig < incl) {
+            orig = incl;
+        }
+        n = (Py_ssize_t) incl > limit ? limit : (Py_ssize_t) incl;
+        pad = (4 - (n & 3)) & 3;
+        total = 12 + n + pad + ((uint32_t) n != orig ? 8 : 0) + prefix.len;
+        if (used + total > max_size) {
+            break;
+        }
+        u = out + used;
+        /* length, kind, reserved, FRAME attribute header
+         * (upcall._UPCALL_FIRST), the frame, padding */
+        put_u32(u, (uint32_t) total);
+        u[4] = (unsigned char) (kind >> 8);
+        u[5] = (unsigned char) kind;
+        u[6] = u[7] = 0;
+        u[8] = (unsigned char) ((n + 4) >> 8);
+        u[9] = (unsigned char) (n + 4);
+        u[10] = 0;
+        u[11] = A_FRAME;
+        memcpy(u + 12, b + start, n);
+        u += 12 + n;
+        memset(u, 0, pad);
+        u += pad;
+        if ((uint32_t) n != orig) {
+            /* ORIG_LEN: len 8, type, value */
+            u[0] = 0;
+            u[1] = 8;
+            u[2] = 0;
+            u[3] = A_ORIG_LEN;
+            put_u32(u + 4, orig);
+            u += 8;
+        }
+        memcpy(u, prefix.buf, prefix.len);
+        used += total;
+        count++;
+        off = start + incl;
+    }
+    if (!count) {
+        Py_CLEAR(d);
+        res = Py_BuildValue("nOn", off, Py_None, (Py_ssize_t) 0);
+        goto out;
+    }
+    /* magic, version, flags, count, length (upcall.HEADER) */
+    put_u32(out, CHANNEL_MAGIC);
+    out[4] = CHANNEL_VERSION;
+    out[5] = 0;
+    out[6] = (unsigned char) (count >> 8);
+    out[7] = (unsigned char) count;
+    put_u32(out + 8, (uint32_t) used);
+    if (_PyBytes_Resize(&d, used) < 0) {
+        goto out;
+    }
+    res = Py_BuildValue("nOn", off, d, count);
+
+out:
+    Py_XDECREF(d);
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&prefix);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"sample_batch", sample_batch, METH_VARARGS, sample_batch_doc},
     {"parse_key", parse_key, METH_VARARGS, parse_key_doc},
+    {"pcap_datagram", pcap_datagram, METH_VARARGS, pcap_datagram_doc},
     {"decode_hits", decode_hits, METH_VARARGS, decode_hits_doc},
     {"pack_records", pack_records, METH_VARARGS, pack_records_doc},
     {"expired_flows", expired_flows, METH_VARARGS, expired_flows_doc},

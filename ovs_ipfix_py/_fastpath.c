@@ -25,6 +25,8 @@
  *   take (tunnel metadata, values out of range, an object of another
  *   type) it stops and says where: the caller hands that sample to the
  *   general path and calls again, so samples are aggregated in order.
+ * - FlowIndex: the flow cache's index as an open-addressing table
+ *   (keys inline by slot), replacing its dict where this is built.
  * - parse_key(): the key builder alone, checked against packet.parse.
  * - pcap_datagram(): ovs-ipfix-replay's loop, classic pcap records to
  *   upcall datagrams as upcall.FrameBatcher builds them.
@@ -37,6 +39,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define UINT32_MAX_ULL 0xFFFFFFFFULL
 /* BFD control and echo (RFC 5881, 5883): OVS never samples them. */
@@ -480,10 +483,583 @@ parse_key(PyObject *self, PyObject *args)
 }
 
 
+/* ------------------------------------------------------------ the index */
+
+/* FlowIndex: flowcache.FlowCache's index (encoded key -> slot) as an
+ * open-addressing table, used instead of a dict where this module is
+ * built.  A bucket holds 32 bits of the key's hash and its slot + 1 (0:
+ * empty), 8 bytes; the keys themselves (bytes objects, shared with the
+ * cache's order) are held by slot.  Against a dict it saves the
+ * per-flow slot int (32 bytes), the dict's entry (24 bytes) and most of
+ * its index, and a lookup touches one bucket line, the slot's key
+ * pointer and the key instead of the dict's index, entry, key and int.
+ * Linear probing, at most 5/8 full, deletion by backward shift (no
+ * tombstones).  As a mapping it behaves as the dict it replaces for
+ * FlowCache's use: keys are bytes, slots distinct ints in 0..2^32-2. */
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t *buckets;
+    size_t mask;                /* buckets - 1 (a power of 2), or 0 */
+    Py_ssize_t used;
+    PyObject **keys;            /* by slot: owned bytes or NULL */
+    Py_ssize_t keys_cap;
+} FlowIndex;
+
+static PyTypeObject FlowIndex_Type;
+
+static inline PyObject *
+new_ref(PyObject *o)
+{
+    Py_INCREF(o);
+    return o;
+}
+
+#define FI_MIN_BUCKETS 64
+
+/* The table and the key pointers live in anonymous memory mappings, as
+ * the cache's arrays do: pages are resident once used, and an outgrown
+ * table goes back to the system at once (a heap block that size would
+ * stay in the process after free()). */
+static void *
+fi_map(size_t bytes)
+{
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+    if (p == MAP_FAILED) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    return p;
+}
+
+static void
+fi_unmap(void *p, size_t bytes)
+{
+    if (p) {
+        munmap(p, bytes);
+    }
+}
+#define FI_SLOT_MAX 0xFFFFFFFEULL
+
+static inline uint32_t
+fi_hash32(Py_hash_t h)
+{
+    uint64_t x = (uint64_t) h;
+
+    return (uint32_t) (x ^ (x >> 32));
+}
+
+static inline size_t
+fi_home(const FlowIndex *fi, Py_hash_t h)
+{
+    /* Python's bytes hash is well mixed in its low bits too; fold the
+     * high ones in all the same. */
+    uint64_t x = (uint64_t) h;
+
+    return (size_t) ((x ^ (x >> 29)) & fi->mask);
+}
+
+static inline int
+fi_key_eq(PyObject *a, PyObject *b)
+{
+    return a == b || (PyBytes_GET_SIZE(a) == PyBytes_GET_SIZE(b)
+                      && !memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b),
+                                 PyBytes_GET_SIZE(a)));
+}
+
+/* The bucket holding key (hash h), or -1. */
+static inline Py_ssize_t
+fi_find(const FlowIndex *fi, PyObject *key, Py_hash_t h)
+{
+    size_t i;
+    uint32_t h32 = fi_hash32(h);
+
+    if (!fi->mask) {
+        return -1;
+    }
+    i = fi_home(fi, h);
+    for (;;) {
+        uint64_t b = fi->buckets[i];
+
+        if (!b) {
+            return -1;
+        }
+        if ((uint32_t) (b >> 32) == h32) {
+            PyObject *k = fi->keys[(b & 0xFFFFFFFFu) - 1];
+
+            if (fi_key_eq(k, key)) {
+                return (Py_ssize_t) i;
+            }
+        }
+        i = (i + 1) & fi->mask;
+    }
+}
+
+static inline Py_ssize_t
+fi_slot_of(const FlowIndex *fi, Py_ssize_t bucket)
+{
+    return (Py_ssize_t) (fi->buckets[bucket] & 0xFFFFFFFFu) - 1;
+}
+
+static int
+fi_resize(FlowIndex *fi, size_t n)
+{
+    uint64_t *old = fi->buckets, *nb;
+    size_t old_n = fi->mask ? fi->mask + 1 : 0;
+
+    nb = fi_map(n * sizeof *nb);        /* zero-filled */
+    if (!nb) {
+        return -1;
+    }
+    fi->buckets = nb;
+    fi->mask = n - 1;
+    for (size_t j = 0; j < old_n; j++) {
+        uint64_t b = old[j];
+        PyObject *k;
+        size_t i;
+
+        if (!b) {
+            continue;
+        }
+        k = fi->keys[(b & 0xFFFFFFFFu) - 1];
+        /* bytes cache their hash: no rehashing work */
+        i = fi_home(fi, PyObject_Hash(k));
+        while (nb[i]) {
+            i = (i + 1) & fi->mask;
+        }
+        nb[i] = b;
+    }
+    fi_unmap(old, old_n * sizeof *old);
+    return 0;
+}
+
+static int
+fi_keys_reserve(FlowIndex *fi, Py_ssize_t slot)
+{
+    Py_ssize_t cap = fi->keys_cap;
+    PyObject **nk;
+
+    if (slot < cap) {
+        return 0;
+    }
+    while (cap <= slot) {
+        cap = cap ? cap * 2 : 1024;
+    }
+    nk = fi_map(cap * sizeof *nk);      /* zero-filled: all NULL */
+    if (!nk) {
+        return -1;
+    }
+    if (fi->keys_cap) {
+        memcpy(nk, fi->keys, fi->keys_cap * sizeof *nk);
+    }
+    fi_unmap(fi->keys, fi->keys_cap * sizeof *nk);
+    fi->keys = nk;
+    fi->keys_cap = cap;
+    return 0;
+}
+
+/* index[key] = slot for a key not in the index (hash h). */
+static int
+fi_insert(FlowIndex *fi, PyObject *key, Py_hash_t h, Py_ssize_t slot)
+{
+    size_t i;
+
+    if (slot < 0 || (unsigned long long) slot > FI_SLOT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "FlowIndex slot out of range");
+        return -1;
+    }
+    if (fi_keys_reserve(fi, slot) < 0) {
+        return -1;
+    }
+    if (fi->keys[slot]) {
+        PyErr_SetString(PyExc_ValueError,
+                        "FlowIndex: slot already holds another key");
+        return -1;
+    }
+    if (!fi->mask || (size_t) (fi->used + 1) * 8 > (fi->mask + 1) * 5) {
+        size_t n = fi->mask ? (fi->mask + 1) * 2 : FI_MIN_BUCKETS;
+
+        if (fi_resize(fi, n) < 0) {
+            return -1;
+        }
+    }
+    i = fi_home(fi, h);
+    while (fi->buckets[i]) {
+        i = (i + 1) & fi->mask;
+    }
+    fi->buckets[i] = (uint64_t) fi_hash32(h) << 32 | (uint64_t) (slot + 1);
+    Py_INCREF(key);
+    fi->keys[slot] = key;
+    fi->used++;
+    return 0;
+}
+
+/* Removes the entry in bucket i (backward-shift deletion). */
+static void
+fi_remove_bucket(FlowIndex *fi, size_t i)
+{
+    Py_ssize_t slot = fi_slot_of(fi, (Py_ssize_t) i);
+    PyObject *k = fi->keys[slot];
+    size_t j = i;
+
+    fi->keys[slot] = NULL;
+    fi->used--;
+    for (;;) {
+        uint64_t b;
+        size_t home;
+
+        j = (j + 1) & fi->mask;
+        b = fi->buckets[j];
+        if (!b) {
+            break;
+        }
+        home = fi_home(fi, PyObject_Hash(fi->keys[(b & 0xFFFFFFFFu) - 1]));
+        /* Move b back to i unless its home lies cyclically in (i, j]. */
+        if ((j > i && (home <= i || home > j))
+            || (j < i && (home <= i && home > j))) {
+            fi->buckets[i] = b;
+            i = j;
+        }
+    }
+    fi->buckets[i] = 0;
+    Py_DECREF(k);
+}
+
+static int
+fi_check_key(PyObject *key, Py_hash_t *h)
+{
+    if (!PyBytes_Check(key)) {
+        PyErr_SetString(PyExc_TypeError, "FlowIndex keys are bytes");
+        return -1;
+    }
+    *h = PyObject_Hash(key);
+    return *h == -1 ? -1 : 0;
+}
+
+static PyObject *
+FlowIndex_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    FlowIndex *fi;
+
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "FlowIndex() takes no arguments");
+        return NULL;
+    }
+    fi = (FlowIndex *) type->tp_alloc(type, 0);
+    return (PyObject *) fi;
+}
+
+static void
+fi_clear_all(FlowIndex *fi)
+{
+    for (Py_ssize_t s = 0; s < fi->keys_cap; s++) {
+        Py_CLEAR(fi->keys[s]);
+    }
+    fi_unmap(fi->keys, fi->keys_cap * sizeof *fi->keys);
+    fi_unmap(fi->buckets, fi->mask ? (fi->mask + 1) * sizeof *fi->buckets
+                                   : 0);
+    fi->keys = NULL;
+    fi->buckets = NULL;
+    fi->keys_cap = 0;
+    fi->mask = 0;
+    fi->used = 0;
+}
+
+static void
+FlowIndex_dealloc(FlowIndex *fi)
+{
+    fi_clear_all(fi);
+    Py_TYPE(fi)->tp_free((PyObject *) fi);
+}
+
+static Py_ssize_t
+FlowIndex_len(FlowIndex *fi)
+{
+    return fi->used;
+}
+
+static PyObject *
+FlowIndex_getitem(FlowIndex *fi, PyObject *key)
+{
+    Py_hash_t h;
+    Py_ssize_t b;
+
+    if (!PyBytes_Check(key)) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    h = PyObject_Hash(key);
+    if (h == -1) {
+        return NULL;
+    }
+    b = fi_find(fi, key, h);
+    if (b < 0) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(fi_slot_of(fi, b));
+}
+
+static int
+FlowIndex_setitem(FlowIndex *fi, PyObject *key, PyObject *value)
+{
+    Py_hash_t h;
+    Py_ssize_t b, slot;
+
+    if (fi_check_key(key, &h) < 0) {
+        if (!value && PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetObject(PyExc_KeyError, key);
+        }
+        return -1;
+    }
+    b = fi_find(fi, key, h);
+    if (!value) {
+        if (b < 0) {
+            PyErr_SetObject(PyExc_KeyError, key);
+            return -1;
+        }
+        fi_remove_bucket(fi, (size_t) b);
+        return 0;
+    }
+    slot = PyLong_AsSsize_t(value);
+    if (slot == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (b >= 0) {
+        /* A new slot for a key already there. */
+        Py_ssize_t old = fi_slot_of(fi, b);
+        PyObject *k;
+
+        if (old == slot) {
+            return 0;
+        }
+        if (slot < 0 || (unsigned long long) slot > FI_SLOT_MAX
+            || fi_keys_reserve(fi, slot) < 0) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError,
+                                "FlowIndex slot out of range");
+            }
+            return -1;
+        }
+        if (fi->keys[slot]) {
+            PyErr_SetString(PyExc_ValueError,
+                            "FlowIndex: slot already holds another key");
+            return -1;
+        }
+        k = fi->keys[old];
+        fi->keys[old] = NULL;
+        fi->keys[slot] = k;
+        fi->buckets[b] = (fi->buckets[b] & ~(uint64_t) 0xFFFFFFFFu)
+                         | (uint64_t) (slot + 1);
+        return 0;
+    }
+    return fi_insert(fi, key, h, slot);
+}
+
+static int
+FlowIndex_contains(FlowIndex *fi, PyObject *key)
+{
+    Py_hash_t h;
+
+    if (!PyBytes_Check(key)) {
+        return 0;
+    }
+    h = PyObject_Hash(key);
+    if (h == -1) {
+        return -1;
+    }
+    return fi_find(fi, key, h) >= 0;
+}
+
+static PyObject *
+FlowIndex_get(FlowIndex *fi, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_hash_t h;
+    Py_ssize_t b;
+    PyObject *dflt = nargs > 1 ? args[1] : Py_None;
+
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(key[, default])");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[0])) {
+        return new_ref(dflt);
+    }
+    h = PyObject_Hash(args[0]);
+    if (h == -1) {
+        return NULL;
+    }
+    b = fi_find(fi, args[0], h);
+    if (b < 0) {
+        return new_ref(dflt);
+    }
+    return PyLong_FromSsize_t(fi_slot_of(fi, b));
+}
+
+static PyObject *
+FlowIndex_pop(FlowIndex *fi, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_hash_t h;
+    Py_ssize_t b, slot;
+
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "pop(key[, default])");
+        return NULL;
+    }
+    b = -1;
+    if (PyBytes_Check(args[0])) {
+        h = PyObject_Hash(args[0]);
+        if (h == -1) {
+            return NULL;
+        }
+        b = fi_find(fi, args[0], h);
+    }
+    if (b < 0) {
+        if (nargs > 1) {
+            return new_ref(args[1]);
+        }
+        PyErr_SetObject(PyExc_KeyError, args[0]);
+        return NULL;
+    }
+    slot = fi_slot_of(fi, b);
+    fi_remove_bucket(fi, (size_t) b);
+    return PyLong_FromSsize_t(slot);
+}
+
+static PyObject *
+FlowIndex_clear(FlowIndex *fi, PyObject *unused)
+{
+    (void) unused;
+    fi_clear_all(fi);
+    Py_RETURN_NONE;
+}
+
+/* keys(), values() or items() as a list, in slot order. */
+static PyObject *
+fi_list(FlowIndex *fi, int what)
+{
+    PyObject *out = PyList_New(fi->used);
+    Py_ssize_t n = 0;
+
+    if (!out) {
+        return NULL;
+    }
+    for (Py_ssize_t s = 0; s < fi->keys_cap && n < fi->used; s++) {
+        PyObject *k = fi->keys[s], *v;
+
+        if (!k) {
+            continue;
+        }
+        if (what == 0) {
+            v = new_ref(k);
+        } else if (what == 1) {
+            v = PyLong_FromSsize_t(s);
+        } else {
+            v = Py_BuildValue("On", k, s);
+        }
+        if (!v) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, n++, v);
+    }
+    return out;
+}
+
+static PyObject *
+FlowIndex_keys(FlowIndex *fi, PyObject *unused)
+{
+    (void) unused;
+    return fi_list(fi, 0);
+}
+
+static PyObject *
+FlowIndex_values(FlowIndex *fi, PyObject *unused)
+{
+    (void) unused;
+    return fi_list(fi, 1);
+}
+
+static PyObject *
+FlowIndex_items(FlowIndex *fi, PyObject *unused)
+{
+    (void) unused;
+    return fi_list(fi, 2);
+}
+
+static PyObject *
+FlowIndex_iter(FlowIndex *fi)
+{
+    PyObject *keys = fi_list(fi, 0), *it;
+
+    if (!keys) {
+        return NULL;
+    }
+    it = PyObject_GetIter(keys);
+    Py_DECREF(keys);
+    return it;
+}
+
+static PyObject *
+FlowIndex_sizeof(FlowIndex *fi, PyObject *unused)
+{
+    (void) unused;
+    return PyLong_FromSize_t(sizeof *fi
+                             + (fi->mask ? (fi->mask + 1) * 8 : 0)
+                             + fi->keys_cap * sizeof(PyObject *));
+}
+
+static PyMappingMethods FlowIndex_as_mapping = {
+    (lenfunc) FlowIndex_len,
+    (binaryfunc) FlowIndex_getitem,
+    (objobjargproc) FlowIndex_setitem,
+};
+
+static PySequenceMethods FlowIndex_as_sequence = {
+    .sq_contains = (objobjproc) FlowIndex_contains,
+};
+
+static PyMethodDef FlowIndex_methods[] = {
+    {"get", (PyCFunction) (void (*)(void)) FlowIndex_get, METH_FASTCALL,
+     "get(key[, default]): the key's slot, or default"},
+    {"pop", (PyCFunction) (void (*)(void)) FlowIndex_pop, METH_FASTCALL,
+     "pop(key[, default]): remove the key, return its slot"},
+    {"clear", (PyCFunction) FlowIndex_clear, METH_NOARGS,
+     "remove every key"},
+    {"keys", (PyCFunction) FlowIndex_keys, METH_NOARGS,
+     "the keys, a list in slot order"},
+    {"values", (PyCFunction) FlowIndex_values, METH_NOARGS,
+     "the slots, a list in order"},
+    {"items", (PyCFunction) FlowIndex_items, METH_NOARGS,
+     "(key, slot) pairs, a list in slot order"},
+    {"__sizeof__", (PyCFunction) FlowIndex_sizeof, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FlowIndex_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ovs_ipfix_py._fastpath.FlowIndex",
+    .tp_basicsize = sizeof(FlowIndex),
+    .tp_dealloc = (destructor) FlowIndex_dealloc,
+    .tp_as_sequence = &FlowIndex_as_sequence,
+    .tp_as_mapping = &FlowIndex_as_mapping,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "FlowIndex(): flowcache.FlowCache's index (encoded key -> "
+              "slot) as an open-addressing table; a mapping with the "
+              "dict methods FlowCache uses.",
+    .tp_iter = (getiterfunc) FlowIndex_iter,
+    .tp_methods = FlowIndex_methods,
+    .tp_new = FlowIndex_new,
+};
+
 /* One sample of a batch, checked and keyed, not yet looked up. */
 struct taken {
     int action;                     /* TAKE_* */
     PyObject *key;                  /* owned (TAKE_CACHE only) */
+    Py_hash_t hash;                 /* the key's, for a FlowIndex */
     Py_ssize_t slot;
     uint64_t count;
     uint64_t frame_len;
@@ -838,12 +1414,14 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
 {
     Py_ssize_t nfree, slot;
     PyObject *slot_o, *r;
+    FlowIndex *fi;
     int from_free;
 
     if (!ins->loaded && inserter_load(ins, cache) < 0) {
         return -1;
     }
-    if (PyDict_GET_SIZE(index) + 1 > ins->max_flows) {
+    fi = Py_TYPE(index) == &FlowIndex_Type ? (FlowIndex *) index : NULL;
+    if ((fi ? fi->used : PyDict_GET_SIZE(index)) + 1 > ins->max_flows) {
         return 0;                   /* _insert expires */
     }
     nfree = PyList_GET_SIZE(ins->free);
@@ -869,7 +1447,8 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
         }
         return -1;
     }
-    if (PyDict_SetItem(index, t->key, slot_o) < 0) {
+    if (fi ? fi_insert(fi, t->key, t->hash, slot) < 0
+           : PyDict_SetItem(index, t->key, slot_o) < 0) {
         Py_DECREF(slot_o);
         return -1;
     }
@@ -896,7 +1475,13 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
         PyObject *et, *ev, *tb;
 
         PyErr_Fetch(&et, &ev, &tb);
-        if (PyDict_DelItem(index, t->key) < 0) {
+        if (fi) {
+            Py_ssize_t b = fi_find(fi, t->key, t->hash);
+
+            if (b >= 0) {
+                fi_remove_bucket(fi, (size_t) b);
+            }
+        } else if (PyDict_DelItem(index, t->key) < 0) {
             PyErr_Clear();
         }
         if (from_free) {
@@ -1038,6 +1623,7 @@ sample_batch(PyObject *self, PyObject *args)
     struct inserter ins = {0, NULL, NULL, 0, 0, 0};
     Py_ssize_t i = 0, n, delta[S_COUNT] = {0};
     Py_buffer tids = {0};
+    FlowIndex *fi = NULL;
     int ng = 0, ok = 0;
     unsigned long domain, point;
 
@@ -1072,8 +1658,11 @@ sample_batch(PyObject *self, PyObject *args)
     if (!index || !insert) {
         goto out;
     }
-    if (!PyDict_Check(index)) {
-        PyErr_SetString(PyExc_TypeError, "cache.index must be a dict");
+    if (Py_TYPE(index) == &FlowIndex_Type) {
+        fi = (FlowIndex *) index;
+    } else if (!PyDict_Check(index)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "cache.index must be a dict or a FlowIndex");
         goto out;
     }
     if (arrays_acquire(&arr, cache) < 0) {
@@ -1096,7 +1685,48 @@ sample_batch(PyObject *self, PyObject *args)
                 stop = 1;
                 break;
             }
+            if (fi && g[ng].action == TAKE_CACHE) {
+                g[ng].hash = PyObject_Hash(g[ng].key);
+                if (g[ng].hash == -1) {
+                    ng++;
+                    goto out;
+                }
+                if (fi->mask) {
+                    __builtin_prefetch(&fi->buckets[fi_home(fi,
+                                                            g[ng].hash)]);
+                }
+            }
             ng++;
+        }
+        if (fi && fi->mask) {
+            /* The flows' keys, in the order a lookup reads them: the
+             * first bucket of the right hash, then its key pointer,
+             * then the key. */
+            Py_ssize_t cand[GROUP];
+
+            for (j = 0; j < ng; j++) {
+                size_t b = fi_home(fi, g[j].hash);
+                uint32_t h32 = fi_hash32(g[j].hash);
+
+                cand[j] = -1;
+                if (g[j].action != TAKE_CACHE) {
+                    continue;
+                }
+                while (fi->buckets[b]) {
+                    if ((uint32_t) (fi->buckets[b] >> 32) == h32) {
+                        cand[j] = (Py_ssize_t) (fi->buckets[b]
+                                                & 0xFFFFFFFFu) - 1;
+                        __builtin_prefetch(&fi->keys[cand[j]]);
+                        break;
+                    }
+                    b = (b + 1) & fi->mask;
+                }
+            }
+            for (j = 0; j < ng; j++) {
+                if (cand[j] >= 0) {
+                    __builtin_prefetch(fi->keys[cand[j]]);
+                }
+            }
         }
         /* 2. Look them up, up to the first new flow. */
         miss = ng;
@@ -1106,6 +1736,16 @@ sample_batch(PyObject *self, PyObject *args)
 
             if (g[j].action != TAKE_CACHE) {
                 continue;
+            }
+            if (fi) {
+                Py_ssize_t b = fi_find(fi, g[j].key, g[j].hash);
+
+                if (b < 0) {
+                    miss = j;
+                    break;
+                }
+                slot = fi_slot_of(fi, b);
+                goto found;
             }
             slot_o = PyDict_GetItemWithError(index, g[j].key);
             if (!slot_o) {
@@ -1122,6 +1762,7 @@ sample_batch(PyObject *self, PyObject *args)
                 }
                 goto out;
             }
+        found:
             if (!slot_in_range(&arr, slot)) {
                 PyErr_SetString(PyExc_IndexError, "cache slot out of range");
                 goto out;
@@ -1822,5 +2463,21 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m;
+
+    if (PyType_Ready(&FlowIndex_Type) < 0) {
+        return NULL;
+    }
+    m = PyModule_Create(&module);
+    if (!m) {
+        return NULL;
+    }
+    Py_INCREF(&FlowIndex_Type);
+    if (PyModule_AddObject(m, "FlowIndex", (PyObject *) &FlowIndex_Type)
+        < 0) {
+        Py_DECREF(&FlowIndex_Type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

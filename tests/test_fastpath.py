@@ -98,7 +98,13 @@ def run_three(batches, opts, prepare=None):
     Python batch path, general path; return their cache states (and
     the exception each raised, if any).  ``prepare(exporter)`` may
     rig an exporter before it runs."""
-    exps = [Exporter(opts, 0.0) for _ in range(3)]
+    exps = [Exporter(opts, 0.0)]
+    with pure_python():
+        # Their caches index flows with a dict (the specification), the
+        # C one with a FlowIndex.
+        exps += [Exporter(opts, 0.0) for _ in range(2)]
+    assert type(exps[0].cache.index) is C.FlowIndex
+    assert type(exps[1].cache.index) is dict
     try:
         if prepare:
             for e in exps:
@@ -361,6 +367,76 @@ def test_bad_arguments_raise_not_crash():
         assert exp.stats.pkts == 2 and exp.stats.flows == 1
     finally:
         exp.close(1.0)
+
+
+# -- the flow index --------------------------------------------------------
+
+KEYS = st.binary(min_size=0, max_size=6)
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["set", "pop", "del", "get",
+                                           "in", "clear"]),
+                          KEYS, st.integers(0, 300)), max_size=400))
+def test_flow_index_behaves_as_the_dict_it_replaces(ops):
+    """Every operation FlowCache uses, against a dict: inserts that grow
+    the table, deletions that shift probe chains back (many keys share
+    hash bits in a table of 64 buckets), lookups of missing keys."""
+    fi, d = C.FlowIndex(), {}
+    used = {}
+    for op, key, slot in ops:
+        if op == "set":
+            if key in d or slot in used:
+                continue        # slots are distinct, as in FlowCache
+            fi[key] = slot
+            d[key] = slot
+            used[slot] = key
+        elif op == "pop":
+            want = d.pop(key, "none")
+            assert fi.pop(key, "none") == want
+            used.pop(want, None)
+        elif op == "del":
+            if key in d:
+                del fi[key]
+                used.pop(d.pop(key))
+            else:
+                with pytest.raises(KeyError):
+                    del fi[key]
+        elif op == "get":
+            assert fi.get(key) == d.get(key)
+            if key in d:
+                assert fi[key] == d[key]
+            else:
+                with pytest.raises(KeyError):
+                    fi[key]
+        elif op == "in":
+            assert (key in fi) == (key in d)
+        else:
+            fi.clear()
+            d.clear()
+            used.clear()
+        assert len(fi) == len(d)
+    assert dict(fi) == d
+    assert sorted(fi.items()) == sorted(d.items())
+    assert sorted(fi) == sorted(d)
+
+
+@needs_c
+def test_flow_index_refuses_what_a_flow_cache_never_does():
+    fi = C.FlowIndex()
+    fi[b"a"] = 1
+    with pytest.raises(ValueError):
+        fi[b"b"] = 1            # a slot holds one key
+    with pytest.raises(TypeError):
+        fi["text"] = 2
+    with pytest.raises(ValueError):
+        fi[b"c"] = -1
+    assert fi.get("text") is None and "text" not in fi
+    fi[b"a"] = 7                # a key moves to another slot
+    assert dict(fi) == {b"a": 7}
+    fi[b"b"] = 1
+    assert dict(fi) == {b"a": 7, b"b": 1}
 
 
 # -- the channel decoder ---------------------------------------------------

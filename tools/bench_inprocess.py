@@ -289,9 +289,12 @@ def memory_child(n_flows: int) -> Dict:
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     _check(exp, n_flows, n_flows)
-    # The aggregates live in a memory mapping, which tracemalloc does
-    # not see: add the part the flows use.
+    # The aggregates (and the C FlowIndex's table and key pointers) live
+    # in memory mappings, which tracemalloc does not see: add the part
+    # the flows use, and the index's mappings.
     mapped = len(exp.cache) * flowcache.SLOT_BYTES
+    if not isinstance(exp.cache.index, dict):
+        mapped += sys.getsizeof(exp.cache.index)
     exp.collectors.close()
     sink.close()
     return {"flows": n_flows, "tracemalloc": after - before + mapped,

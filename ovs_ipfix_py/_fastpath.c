@@ -28,6 +28,8 @@
  * - FlowIndex: the flow cache's index as an open-addressing table
  *   (keys inline by slot), replacing its dict where this is built.
  * - parse_key(): the key builder alone, checked against packet.parse.
+ * - one_source(): the daemon's dispatch when all upcalls of a datagram
+ *   come from one source (the usual case).
  * - pcap_datagram(): ovs-ipfix-replay's loop, classic pcap records to
  *   upcall datagrams as upcall.FrameBatcher builds them.
  * - expired_flows(): FlowCache.flush's ExpiredFlow records.
@@ -2441,10 +2443,79 @@ out:
     return res;
 }
 
+PyDoc_STRVAR(one_source_doc,
+"one_source(upcalls, bridge_cls) -> key or None\n"
+"\n"
+"Daemon.handle_upcalls's common case in C: when every upcall of the\n"
+"list comes from one source, that source's exporter key, (\"bridge\",\n"
+"bridge) for bridge samples (type bridge_cls) or (\"flow\", bridge,\n"
+"collector_set_id) for flow samples; else (or for an empty list)\n"
+"None, and the caller groups them.");
+
+static PyObject *
+one_source(PyObject *self, PyObject *args)
+{
+    PyObject *ups, *bcls, *first, *bridge, *csid = NULL;
+    Py_ssize_t n;
+    int is_bridge;
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "O!O!:one_source", &PyList_Type, &ups,
+                          &PyType_Type, &bcls)) {
+        return NULL;
+    }
+    n = PyList_GET_SIZE(ups);
+    if (!n) {
+        Py_RETURN_NONE;
+    }
+    first = PyList_GET_ITEM(ups, 0);
+    if (!PyTuple_Check(first) || PyTuple_GET_SIZE(first) < 2) {
+        Py_RETURN_NONE;
+    }
+    is_bridge = Py_TYPE(first) == (PyTypeObject *) bcls;
+    bridge = PyTuple_GET_ITEM(first, 0);
+    if (!is_bridge) {
+        csid = PyTuple_GET_ITEM(first, 1);
+    }
+    for (Py_ssize_t i = 1; i < n; i++) {
+        PyObject *u = PyList_GET_ITEM(ups, i), *b;
+        int eq;
+
+        if (Py_TYPE(u) != Py_TYPE(first)) {
+            Py_RETURN_NONE;
+        }
+        b = PyTuple_GET_ITEM(u, 0);
+        if (b != bridge) {
+            eq = PyObject_RichCompareBool(b, bridge, Py_EQ);
+            if (eq <= 0) {
+                if (eq < 0) {
+                    return NULL;
+                }
+                Py_RETURN_NONE;
+            }
+        }
+        if (csid && PyTuple_GET_ITEM(u, 1) != csid) {
+            eq = PyObject_RichCompareBool(PyTuple_GET_ITEM(u, 1), csid,
+                                          Py_EQ);
+            if (eq <= 0) {
+                if (eq < 0) {
+                    return NULL;
+                }
+                Py_RETURN_NONE;
+            }
+        }
+    }
+    if (is_bridge) {
+        return Py_BuildValue("(sO)", "bridge", bridge);
+    }
+    return Py_BuildValue("(sOO)", "flow", bridge, csid);
+}
+
 static PyMethodDef methods[] = {
     {"sample_batch", sample_batch, METH_VARARGS, sample_batch_doc},
     {"parse_key", parse_key, METH_VARARGS, parse_key_doc},
     {"pcap_datagram", pcap_datagram, METH_VARARGS, pcap_datagram_doc},
+    {"one_source", one_source, METH_VARARGS, one_source_doc},
     {"decode_hits", decode_hits, METH_VARARGS, decode_hits_doc},
     {"pack_records", pack_records, METH_VARARGS, pack_records_doc},
     {"expired_flows", expired_flows, METH_VARARGS, expired_flows_doc},

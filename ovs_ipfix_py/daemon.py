@@ -90,6 +90,13 @@ class Daemon:
         """
         exporters = self.reconciler.exporters
         batches: Dict[tuple, List] = {}
+        # Usually one source sent them all: no grouping needed.
+        key = (fastpath.C.one_source(upcalls, BridgeSample)
+               if fastpath.C is not None and type(upcalls) is list
+               else None)
+        if key is not None:
+            batches[key] = upcalls
+            upcalls = ()
         for u in upcalls:
             if type(u) is BridgeSample:
                 key = ("bridge", u.bridge)

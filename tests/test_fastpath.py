@@ -559,3 +559,51 @@ def test_pure_python_path_passes_the_core_tests():
         cwd=os.path.dirname(here))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout
+
+
+# -- the daemon's dispatch --------------------------------------------------
+
+class _Recorder:
+    def __init__(self):
+        self.got = []
+
+    def sample_batch(self, batch, now):
+        self.got.extend(batch)
+
+
+SOURCES = [BridgeSample("br0", 1, None, 1, b"", 0),
+           BridgeSample("br1", 1, None, 1, b"", 0),
+           FlowSample("br0", 5, 1, 2, 3, 0, 1, None, b"", 0),
+           FlowSample("br0", 6, 1, 2, 3, 0, 1, None, b"", 0)]
+
+
+@needs_c
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(range(len(SOURCES))),
+                          st.integers(0, 9)), max_size=20))
+def test_dispatch_with_c_equals_dispatch_without(picks):
+    """Daemon.handle_upcalls: each exporter gets its samples in order,
+    samples without an exporter are counted, with one_source (C) taking
+    the one-source case or not."""
+    from types import SimpleNamespace
+
+    from ovs_ipfix_py.daemon import Daemon
+    ups = [SOURCES[k]._replace(input_port=p) for k, p in picks]
+    out = []
+    for use_c in (True, False):
+        d = Daemon.__new__(Daemon)
+        recs = {("bridge", "br0"): _Recorder(),
+                ("flow", "br0", 5): _Recorder()}
+        d.reconciler = SimpleNamespace(exporters=recs)
+        d.unmatched_samples = 0
+        if use_c:
+            d.handle_upcalls(list(ups), 1.0)
+        else:
+            with pure_python():
+                d.handle_upcalls(list(ups), 1.0)
+        out.append(({k: r.got for k, r in recs.items()},
+                    d.unmatched_samples))
+    assert out[0] == out[1]
+    want_br0 = [u for u in ups if type(u) is BridgeSample
+                and u.bridge == "br0"]
+    assert out[0][0][("bridge", "br0")] == want_br0

@@ -1179,7 +1179,8 @@ def judge_collector(collector, directory):
 
 
 __all__ = [
-    "FIELDS", "ENTERPRISE_FIELDS", "FieldSpec", "Template", "DataRecord", "IpfixSet",
+    "FIELDS", "ENTERPRISE_FIELDS", "FieldSpec", "Template", "DataRecord",
+    "IpfixSet",
     "Message", "Session", "parse_messages", "parse_datagrams",
     "parse_collector", "TsharkDecode", "tshark_decode", "tshark_records",
     "NfcapdCollector", "nfdump_records", "NfacctdCollector",

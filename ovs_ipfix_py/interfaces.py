@@ -19,8 +19,8 @@ as they are:
   gives 4 + 4 zero bytes and two empty strings.
 - the **tunnel part** (``tunnel_part``), after the L4 part, in the tunnel
   templates: tunnelSourceIPv4Address, tunnelDestinationIPv4Address,
-  tunnelProtocolIdentifier (17 for VXLAN/Geneve/LISP, 47 for GRE, 6 for
-  STT), tunnelSource/DestinationTransportPort, tunnelType (VMware PEN
+  tunnelProtocolIdentifier (17 for VXLAN and LISP, 47 for GRE, 6 for
+  STT, 0 for Geneve as OVS 3.1 sends it), tunnelSource/DestinationTransportPort, tunnelType (VMware PEN
   6876: 1 VXLAN, 2 GRE, 3 LISP, 4 STT, 7 Geneve) and tunnelKey (variable
   length: the low 3 bytes of tun_id for VXLAN, Geneve and LISP, 4 for
   GRE, 8 for STT), as ``ipfix_cache_entry_init()`` writes them.
@@ -47,7 +47,10 @@ TUNNEL_PORT_TYPES = {"vxlan": 1, "gre": 2, "lisp": 3, "stt": 4,
                      "geneve": 7}
 #: tunnelKey length (bytes) and tunnelProtocolIdentifier per tunnelType.
 TUNNEL_KEY_LENGTH = {1: 3, 2: 4, 3: 3, 4: 8, 7: 3}
-TUNNEL_PROTOCOL = {1: 17, 2: 47, 3: 17, 4: 6, 7: 17}
+#: As OVS 3.1 sends it, our differential reference: its tunnel_protocol[]
+#: table stops one entry short of Geneve (7), so Geneve gets 0.  OVS
+#: 3.4 and later send 17 (README, differences table).
+TUNNEL_PROTOCOL = {1: 17, 2: 47, 3: 17, 4: 6, 7: 0}
 
 #: OVS truncates names and descriptions (MAX_IF_NAME_LEN,
 #: MAX_IF_DESCR_LEN).

@@ -113,3 +113,140 @@ def test_egress_tunnel_port_sampling_gives_what_ovs_gives(pair):  # noqa: F811
         names = {(r["if_name"], r.get("egress_if_name"))
                  for r in our_recs}
         assert names == {("p1", p[0]) for p in TUNNEL_PORTS}, decoder
+
+
+# ---------------------------------------------------------------------------
+# Ingress on tunnel ports: native tunnelling (tnl_pop) on the dummy
+# datapath, as OVS's tunnel-push-pop.at sets it up.
+
+UNDERLAY_MAC, BR0_MAC = "f8:bc:12:44:34:b6", "aa:55:aa:55:00:00"
+REMOTE, LOCAL = "1.1.2.92", "1.1.2.88"
+#: int-br's tunnel ports, all key=flow: (name, OpenFlow port, type).
+INGRESS_PORTS = [("t_vx", 2, "vxlan"), ("t_gre", 3, "gre"),
+                 ("t_gnv", 4, "geneve")]
+
+
+@pytest.fixture
+def native(ovsdb_factory):
+    """br0 (p0: the underlay, 1.1.2.88/24, route to 1.1.2.92) and int-br
+    with vxlan, gre and geneve ports; bridge sampling on int-br only."""
+    from support.collector import UdpCollector
+    from test_ovs_differential import ExporterDaemon, Pair, Switch
+    server = ovsdb_factory()
+    collector = UdpCollector()
+    plugin = ExporterDaemon(server)
+    try:
+        switch = Switch(server, ports=("p0",))
+        # Tunnels terminate on br0's own MAC and IP.
+        server.vsctl("set", "Bridge", "br0",
+                     f"other-config:hwaddr={BR0_MAC}", wait=True)
+        args = ["add-br", "int-br", "--", "set", "Bridge", "int-br",
+                "datapath_type=dummy", "fail-mode=secure"]
+        for name, ofport, ptype in INGRESS_PORTS:
+            args += ["--", "add-port", "int-br", name, "--", "set",
+                     "Interface", name, f"type={ptype}",
+                     f"options:remote_ip={REMOTE}", "options:key=flow",
+                     f"ofport_request={ofport}"]
+        server.vsctl(*args, wait=True)
+        for cmd in (("netdev-dummy/ip4addr", "br0", LOCAL + "/24"),
+                    ("ovs/route/add", REMOTE + "/24", "br0")):
+            server.appctl("ovs-vswitchd", *cmd)
+        switch.ofctl("add-flow", "br0", "actions=normal")
+        plugin.start()
+        yield Pair(server, switch, plugin, collector)
+    finally:
+        plugin.stop()
+        collector.close()
+
+
+def _underlay(kind, inner, key, sport):
+    from traffic import ethernet, geneve, gre_teb, ipv4, udp, vxlan
+    if kind == "vxlan":
+        payload, proto = udp(sport, 4789, vxlan(inner, key)), 17
+    elif kind == "geneve":
+        payload, proto = udp(sport, 6081, geneve(inner, key)), 17
+    else:
+        payload, proto = gre_teb(inner, key=key), 47
+    return ethernet(ipv4(payload, src=REMOTE, dst=LOCAL, proto=proto),
+                    src=UNDERLAY_MAC, dst=BR0_MAC)
+
+
+def test_ingress_on_tunnel_ports_gives_what_ovs_gives(native):
+    """Underlay frames into OVS's p0 (popped natively onto int-br's
+    tunnel ports) and, decapsulated by ``ovs-ipfix-replay
+    --tunnel-port``, into the plugin: the same records, tunnel elements
+    (type, key of the port type's length, addresses, protocol, UDP
+    ports) and interface elements; the same inner flow in two VNIs is
+    two records in both.
+
+    Counts: OVS 3.1 on the dummy datapath samples the first packet of
+    each new datapath flow twice after tnl_pop (its own counters show
+    it: sampled pkts > frames received); every other packet once.  So
+    per flow OVS's packetDeltaCount is ours or more, and the surplus
+    over all flows is exactly its surplus of samples."""
+    from test_ovs_differential import parse_counters
+    pair = native  # noqa: F811
+    pair.server.vsctl(
+        "--", "--id=@i", "create", "IPFIX",
+        f'targets="{pair.collector.target}"', "sampling=1",
+        "cache_active_timeout=60", "cache_max_flows=1000",
+        "--", "set", "Bridge", "int-br", "ipfix=@i", wait=True)
+    inner = [build_frame(proto=17, sport=3000 + i, dport=53)
+             for i in range(3)]
+    per_port = {
+        "t_vx": [_underlay("vxlan", f, vni, 40000 + vni % 7)
+                 for vni in (5001, 5002) for f in inner],
+        "t_gre": [_underlay("gre", f, 0x01000001, 0) for f in inner],
+        "t_gnv": [_underlay("geneve", f, 7001, 50000) for f in inner],
+    }
+    frames = [f for fs in per_port.values() for f in fs]
+
+    def sampled():
+        return parse_counters(pair.switch.ofctl(
+            "dump-ipfix-bridge", "int-br")).get("bridge ipfix", {}).get(
+                "sampled pkts", -1)
+
+    pair.switch.inject(frames, port="p0", done=lambda k: sampled() >= k)
+    for name, ofport, _ in INGRESS_PORTS:
+        pair.plugin.replay(per_port[name], "--bridge=int-br",
+                           f"--tunnel-port={ofport}")
+    ours = pair.plugin.wait_counter("bridge int-br", "sampled pkts",
+                                    len(frames))
+    ovs = parse_counters(pair.switch.ofctl("dump-ipfix-bridge", "int-br"))[
+        "bridge ipfix"]
+    assert ours["sampled pkts"] == len(frames) <= ovs["sampled pkts"]
+    surplus = ovs["sampled pkts"] - len(frames)
+    # 3 inner flows x 4 tunnels (two VNIs on t_vx).
+    assert ours["current flows"] == ovs["current flows"] == 12
+
+    outcome = flush_and_collect(pair, ("clear", "Bridge", "int-br",
+                                       "ipfix"), 12, 12)
+    for decoder, ovs_recs, our_recs in (
+            ("tshark", outcome.ovs.tshark.records,
+             outcome.ours.tshark.records),
+            ("parser", outcome.ovs.parser_records,
+             outcome.ours.parser_records)):
+        def by_key(recs):
+            return {tuple(r.get(k) for k in KEY_FIELDS + TUNNEL_FIELDS):
+                    r["packets"] for r in recs}
+        theirs, mine = by_key(ovs_recs), by_key(our_recs)
+        assert len(theirs) == len(ovs_recs) == len(mine) == 12, decoder
+        names = KEY_FIELDS + TUNNEL_FIELDS
+        diff = set(theirs) ^ set(mine)
+        assert not diff, (decoder, sorted(
+            "%s %s" % ("ovs" if k in theirs else "ours", [
+                (n, v) for n, v in zip(names, k)
+                if n.startswith(("tunnel", "src_port", "if_name"))])
+            for k in diff))
+        assert all(theirs[k] >= mine[k] for k in mine), decoder
+        assert sum(theirs.values()) - sum(mine.values()) == surplus
+        assert sum(mine.values()) == len(frames)
+        got = {(r["if_name"], r["tunnel_type"], r["tunnel_key"],
+                r["tunnel_src"], r["tunnel_dst"], r["tunnel_proto"])
+               for r in ovs_recs}
+        assert got == {
+            ("t_vx", 1, "001389", REMOTE, LOCAL, 17),
+            ("t_vx", 1, "00138a", REMOTE, LOCAL, 17),
+            ("t_gre", 2, "01000001", REMOTE, LOCAL, 47),
+            # OVS 3.1: Geneve's tunnelProtocolIdentifier is 0.
+            ("t_gnv", 7, "001b59", REMOTE, LOCAL, 0)}, decoder

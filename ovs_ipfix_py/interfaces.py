@@ -20,8 +20,9 @@ as they are:
 - the **tunnel part** (``tunnel_part``), after the L4 part, in the tunnel
   templates: tunnelSourceIPv4Address, tunnelDestinationIPv4Address,
   tunnelProtocolIdentifier (17 for VXLAN and LISP, 47 for GRE, 6 for
-  STT, 0 for Geneve as OVS 3.1 sends it), tunnelSource/DestinationTransportPort, tunnelType (VMware PEN
-  6876: 1 VXLAN, 2 GRE, 3 LISP, 4 STT, 7 Geneve) and tunnelKey (variable
+  STT, 0 for Geneve as OVS 3.1 sends it),
+  tunnelSource/DestinationTransportPort, tunnelType (VMware PEN 6876:
+  1 VXLAN, 2 GRE, 3 LISP, 4 STT, 7 Geneve) and tunnelKey (variable
   length: the low 3 bytes of tun_id for VXLAN, Geneve and LISP, 4 for
   GRE, 8 for STT), as ``ipfix_cache_entry_init()`` writes them.
 

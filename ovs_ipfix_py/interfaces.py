@@ -26,8 +26,9 @@ as they are:
   length: the low 3 bytes of tun_id for VXLAN, Geneve and LISP, 4 for
   GRE, 8 for STT), as ``ipfix_cache_entry_init()`` writes them.
 
-OVS keys a sample by its tunnel only when the port it crossed (input
-port for ingress, output port for egress) is a tunnel port, i.e. its
+OVS keys a sample by its tunnel only when the port it crossed (the input
+port for a sample without output port, else the output port) is a
+tunnel port, i.e. its
 ``Interface.type`` is one of :data:`TUNNEL_PORT_TYPES`
 (``dpif_ipfix_find_tunnel_port()``), and tunnel metadata came with the
 sample; otherwise the metadata is ignored.  The sample's own tunnel type

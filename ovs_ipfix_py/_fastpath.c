@@ -32,7 +32,10 @@
 
 #define ETH_HEADER_LEN 14
 #define MIN_FRAME_LEN 42        /* Ethernet + IPv4 + 8 bytes of L4 */
-#define KEY_MAX 256
+/* Room for the longest key: 20 bytes of head, two interface parts of
+ * 4 + 4 + (1 + 64) + (1 + 128) bytes (OVS's name and description
+ * limits), IPv4 and L4 fields. */
+#define KEY_MAX 1024
 #define UINT32_MAX_ULL 0xFFFFFFFFULL
 /* BFD control and echo (RFC 5881, 5883): OVS never samples them. */
 #define BFD_PORT 3784
@@ -255,6 +258,11 @@ take_sample(struct batch_state *st, PyObject *s, struct taken *t)
     int ps;
 
     if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) < 6) {
+        return 0;
+    }
+    /* Tunnel metadata (upcall.BridgeSample.tunnel, item 6): the key
+     * may take a tunnel part, which Python builds. */
+    if (PyTuple_GET_SIZE(s) > 6 && PyTuple_GET_ITEM(s, 6) != Py_None) {
         return 0;
     }
     in_o = PyTuple_GET_ITEM(s, 1);
@@ -569,7 +577,8 @@ PyDoc_STRVAR(bridge_batch_doc,
 "Aggregate samples[start:] (a list of upcall.BridgeSample) into cache\n"
 "(a flowcache.FlowCache) at now (s), as the pure-Python fast path of\n"
 "Exporter.sample_bridge_batch does, up to the first sample it does not\n"
-"take.  stop: that sample's index (len(samples) when all were taken);\n"
+"take (no plain IPv4, or tunnel metadata).  stop: that sample's index\n"
+"(len(samples) when all were taken);\n"
 "fast: samples aggregated; new: flows they started.  Each sample counts\n"
 "0xFFFFFFFF // its probability packets (default_count when 0).\n"
 "heads_for(input_port, output_port) gives the key pieces per IP\n"

@@ -103,7 +103,7 @@ class Daemon:
                 continue
             exp.sample_flow(u.frame, u.orig_len, u.input_port,
                             u.output_port, u.probability, u.obs_domain_id,
-                            u.obs_point_id, u.direction, now)
+                            u.obs_point_id, u.direction, now, u.tunnel)
         for bridge, batch in bridge_batches.items():
             exp = exporters.get(("bridge", bridge))
             if exp is None:
@@ -119,13 +119,21 @@ class Daemon:
         self.config.run()
         if self.config.changed():
             self.reconciler.apply(self.config.desired(), self.clock())
-        else:
+            self.set_ports()
+        elif self.reconciler.retry(self.clock()):
             # Exporters that failed to build (EMFILE, say) are retried.
-            self.reconciler.retry(self.clock())
+            self.set_ports()
         self.channel.run(self.clock)
         now = self.clock()
         for exp in list(self.reconciler.exporters.values()):
             exp.run(now)
+
+    def set_ports(self) -> None:
+        """Every exporter gets its bridge's ports as OVSDB has them: ports
+        (Interface rows) are followed live, with no flush."""
+        ports = self.config.ports()
+        for exp in self.reconciler.exporters.values():
+            exp.set_ports(ports.get(exp.options.bridge, {}))
 
     def wait(self, poller) -> None:
         self.config.wait(poller)

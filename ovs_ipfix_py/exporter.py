@@ -20,7 +20,7 @@ import struct
 import zlib
 from typing import Dict, List, Optional
 
-from ovs_ipfix_py import fastpath, flowcache, message, packet
+from ovs_ipfix_py import fastpath, flowcache, interfaces, message, packet
 from ovs_ipfix_py import templates as t
 from ovs_ipfix_py.collector import MAX_UDP_PAYLOAD, CollectorSet
 from ovs_ipfix_py.flowcache import U64_MAX
@@ -48,6 +48,10 @@ _AGG_LAYOUT = {
 }
 _STATS_RECORD = struct.Struct("!IQQQ")
 _BFD_PORTS = (3784, 3785)
+#: Bounds on the key-part caches (port pairs, tunnel values): a cache
+#: past its bound is emptied and refilled, so garbage port numbers or a
+#: tunnel source port per inner flow cannot grow it without end.
+_PART_CACHE_MAX = 4096
 _BFD_DPORTS = (b"\x0e\xc8", b"\x0e\xc9")
 
 
@@ -103,6 +107,9 @@ class Exporter:
         self.cache = flowcache.FlowCache(cache_opts.active_timeout,
                                          cache_opts.max_flows)
         self.next_stats = now + options.export.stats_interval
+        #: {OpenFlow port: interfaces.Interface} of the bridge (OVSDB),
+        #: set by set_ports(); unknown ports export what OVS exports.
+        self.ports: interfaces.Ports = {}
         self._derive_params()
 
     # -- configuration ----------------------------------------------------
@@ -110,11 +117,11 @@ class Exporter:
     def _derive_params(self):
         """Values derived from the options, recomputed when they change:
         the bridge sample count, the fast path's key heads, the encoded
-        virtualObsID."""
+        virtualObsID; the key parts built from ports and tunnels."""
         o = self.options
         if self.is_bridge:
             self._count = UINT32_MAX // o.probability
-        self._heads = {}
+        self._forget_parts()
         # other_config:virtual_obs_id: sent after the key of every record
         # (a variable-length string, RFC 7011 section 7: 1-byte length),
         # in the templates that carry virtualObsID.
@@ -125,6 +132,51 @@ class Exporter:
             raw = vobs.encode("utf-8")[:254]
             self._vobs = bytes((len(raw),)) + raw
             self._vobs_offset = t.VIRTUAL_OBS_OFFSET
+
+    def _forget_parts(self) -> None:
+        self._heads = {}
+        # (input port, output port or None, direction) -> interface part.
+        self._ifaces: Dict = {}
+        # (port, upcall.Tunnel) -> tunnel part (b"": not tunnelled).
+        self._tunnels: Dict = {}
+
+    def set_ports(self, ports: interfaces.Ports) -> None:
+        """The bridge's ports as OVSDB has them now.  Ports that come, go
+        or are renumbered change the key parts of the samples that follow;
+        cached flows stay (a port change is no option change)."""
+        if ports != self.ports:
+            self.ports = dict(ports)
+            self._forget_parts()
+
+    def _iface_part(self, in_port: int, out_port: Optional[int],
+                    direction: int) -> bytes:
+        """interfaces.iface_part, built once per port pair."""
+        k = (in_port, out_port, direction)
+        part = self._ifaces.get(k)
+        if part is None:
+            if len(self._ifaces) >= _PART_CACHE_MAX:
+                self._ifaces.clear()
+            part = self._ifaces[k] = interfaces.iface_part(
+                self.ports, in_port, out_port, direction == t.EGRESS)
+        return part
+
+    def _tunnel_part(self, in_port: int, out_port: Optional[int],
+                     tunnel) -> bytes:
+        """interfaces.tunnel_part for a sample's tunnel metadata, built
+        once per (port, Tunnel).  As OVS: the input port's tunnel for a
+        sample without output port, else the output port's; nothing with
+        other_config:enable-tunnel-sampling=false."""
+        if tunnel is None or not self.options.export.enable_tunnel_sampling:
+            return b""
+        port = in_port if out_port is None else out_port
+        k = (port, tunnel)
+        part = self._tunnels.get(k)
+        if part is None:
+            if len(self._tunnels) >= _PART_CACHE_MAX:
+                self._tunnels.clear()
+            part = self._tunnels[k] = interfaces.tunnel_part(
+                self.ports.get(port), tunnel)
+        return part
 
     @property
     def name(self) -> str:
@@ -172,13 +224,15 @@ class Exporter:
 
     def sample_bridge(self, frame: bytes, orig_len: int, input_port: int,
                       output_port: Optional[int], now: float,
-                      probability: Optional[int] = None) -> None:
+                      probability: Optional[int] = None,
+                      tunnel=None) -> None:
         """One bridge sample; counts UINT32_MAX // probability packets.
 
         ``probability``: the sample's own (32-bit, as the channel carries
         it); None takes the configured sampling rate's.  ``output_port``
-        None means an ingress sample.  BFD packets (UDP to port
-        3784/3785) are skipped, as OVS skips them.
+        None means an ingress sample.  ``tunnel``: its upcall.Tunnel, or
+        None.  BFD packets (UDP to port 3784/3785) are skipped, as OVS
+        skips them.
         """
         o = self.options
         if output_port is None:
@@ -186,7 +240,6 @@ class Exporter:
                 self.stats.dropped_samples += 1
                 return
             direction = t.INGRESS
-            output_port = 0
         else:
             if not o.enable_output_sampling:
                 self.stats.dropped_samples += 1
@@ -198,12 +251,12 @@ class Exporter:
             count = self._count
         self._sample(frame, orig_len, count, o.obs_domain_id,
                      o.obs_point_id, direction, input_port, output_port,
-                     now, True)
+                     now, True, tunnel)
 
     def sample_flow(self, frame: bytes, orig_len: int, input_port: int,
                     output_port: Optional[int], probability: int,
                     obs_domain_id: int, obs_point_id: int, direction: int,
-                    now: float) -> None:
+                    now: float, tunnel=None) -> None:
         """One flow sample (OpenFlow ``sample`` action).
 
         Counts 65535 // ``probability`` packets.  ``direction`` as OVS's
@@ -222,22 +275,23 @@ class Exporter:
             d = t.INGRESS if output_port is None else t.EGRESS
         self._sample(frame, orig_len, UINT16_MAX // probability,
                      obs_domain_id, obs_point_id, d, input_port,
-                     output_port or 0, now, False)
+                     output_port, now, False, tunnel)
 
     def sample_bridge_batch(self, samples, now: float) -> None:
         """Many bridge samples at once: the hot path.
 
         ``samples``: objects with ``frame``, ``orig_len``,
-        ``input_port``, ``output_port`` and ``probability``
+        ``input_port``, ``output_port``, ``probability`` and ``tunnel``
         (upcall.BridgeSample); each counts UINT32_MAX // its own
         probability packets (the datapath may have sampled it at a rate
         the IPFIX row no longer says).
 
         Plain IPv4 frames (no VLAN, no IP options, not a later fragment)
-        carrying TCP, UDP, SCTP or ICMP take a fast path that builds the
-        key from slices of the frame; ``tests/test_exporter.py`` checks
-        that it gives exactly what ``packet.parse`` gives.  Everything
-        else goes through ``packet.parse``.  The fast path runs in C
+        carrying TCP, UDP, SCTP or ICMP, and no tunnel metadata, take a
+        fast path that builds the key from slices of the frame;
+        ``tests/test_exporter.py`` checks that it gives exactly what
+        ``packet.parse`` gives.  Everything else goes through
+        ``packet.parse``.  The fast path runs in C
         when ``fastpath.C`` is built (same results:
         ``tests/test_fastpath.py``), else in the Python below.
         """
@@ -268,7 +322,8 @@ class Exporter:
                 h = heads_for(in_port, out_port)
                 last_in = in_port
                 last_out = out_port
-            if (h is not None and len(f) >= 42 and f[12] == 8
+            if (h is not None and s.tunnel is None and len(f) >= 42
+                    and f[12] == 8
                     and f[13] == 0 and f[14] == 0x45
                     and not (f[20] & 0x1F or f[21])):
                 fast = h.get(f[23])
@@ -290,11 +345,8 @@ class Exporter:
             if pending:
                 flows += add_many(pending, now)
                 pending.clear()
-            if out_port is None:
-                self.sample_bridge(f, s.orig_len, in_port, None, now, p)
-            else:
-                self.sample_bridge(f, s.orig_len, in_port, out_port, now,
-                                   p)
+            self.sample_bridge(f, s.orig_len, in_port, out_port, now, p,
+                               s.tunnel)
         if pending:
             flows += add_many(pending, now)
         st = self.stats
@@ -327,11 +379,14 @@ class Exporter:
             while i < n:
                 s = samples[i]
                 self.sample_bridge(s.frame, s.orig_len, s.input_port,
-                                   s.output_port, now, s.probability)
+                                   s.output_port, now, s.probability,
+                                   s.tunnel)
                 i += 1
                 # Back to C at the next frame that may be plain IPv4
-                # (EtherType 0x0800, a 20-byte IPv4 header).
-                if i < n and samples[i].frame[12:15] == b"\x08\x00\x45":
+                # (EtherType 0x0800, a 20-byte IPv4 header) and carries
+                # no tunnel metadata (the C declines those).
+                if (i < n and samples[i].frame[12:15] == b"\x08\x00\x45"
+                        and samples[i].tunnel is None):
                     break
 
     def _heads_for(self, in_port, out_port):
@@ -356,12 +411,12 @@ class Exporter:
         if out_port is None:
             if not o.enable_input_sampling:
                 return None
-            direction, ports = t.INGRESS, struct.pack("!I", in_port)
+            direction = t.INGRESS
         else:
             if not o.enable_output_sampling:
                 return None
             direction = t.EGRESS
-            ports = struct.pack("!II", in_port, out_port)
+        iface = self._iface_part(in_port, out_port, direction)
         out = {}
         # (IP protocol, layout, end of the key's L4 slice, IP packet
         # bytes needed: 20 of IP header + the whole L4 header).
@@ -372,13 +427,15 @@ class Exporter:
             tid = t.template_id(t.L2_ETH, t.L3_IPV4, l4, direction)
             head = KEY_PREFIX.pack(domain, tid) + struct.pack(
                 "!IB", point & UINT32_MAX, direction)
-            mid = b"\x08\x00\x0e" + ports + b"\x04"
+            mid = b"\x08\x00\x0e" + iface + b"\x04"
             out[proto] = (head, mid, end, proto == 6, need)
         return out
 
     def _sample(self, frame, orig_len, count, domain, point, direction,
-                in_port, out_port, now, skip_bfd):
-        fk = packet.parse(frame, point, direction, in_port, out_port)
+                in_port, out_port, now, skip_bfd, tunnel=None):
+        fk = packet.parse(frame, point, direction,
+                          self._iface_part(in_port, out_port, direction),
+                          self._tunnel_part(in_port, out_port, tunnel))
         if skip_bfd and fk.udp_dst_port in _BFD_PORTS:
             return
         st = self.stats
@@ -441,26 +498,28 @@ class Exporter:
             return
         et_us = message.export_time(now) * 1000000
         # Flows grouped by their key's first 6 bytes (domain, template
-        # id), in expiry order within each group.
-        groups: Dict[bytes, List] = {}
+        # id) and its length, in expiry order within each group: the
+        # variable-length fields (interface names, tunnel key) make
+        # records of one template differ in length, and a RecordBlock
+        # holds records of one length.
+        groups: Dict = {}
         for f in flows:
-            prefix = f.key[:6]
-            g = groups.get(prefix)
+            gk = (f.key[:6], len(f.key))
+            g = groups.get(gk)
             if g is None:
-                g = groups[prefix] = []
+                g = groups[gk] = []
             g.append(f)
         vobs, vobs_offset = self._vobs, self._vobs_offset
         pack = fastpath.C.pack_records if fastpath.C else pack_records
         by_domain: Dict[int, List] = {}
-        for prefix, group in groups.items():
+        for (prefix, _), group in groups.items():
             domain, tid = KEY_PREFIX.unpack(prefix)
             tid += vobs_offset
             template = t.get(tid)
             data, packets, octets = pack(group, et_us, vobs,
                                          bool(template.l3),
                                          template.l4 == t.L4_TCP)
-            # (Every record of a template has the same length, the
-            # virtualObsID string included.)
+            # (Every record of a group has the same length.)
             by_domain.setdefault(domain, []).append(
                 (tid, template.record, message.RecordBlock(
                     data, len(data) // len(group), packets, octets)))

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from support.inputs import bridge_options, frames, upcalls
 
-from ovs_ipfix_py import fastpath, upcall
+from ovs_ipfix_py import fastpath, interfaces, packet, upcall
 from ovs_ipfix_py.exporter import Exporter, pack_records
 from ovs_ipfix_py.flowcache import U64_MAX, ExpiredFlow
 from ovs_ipfix_py.options import UINT32_MAX, CacheOptions
@@ -73,10 +73,25 @@ def pure_python():
         fastpath.C = saved
 
 
-def run_three(batches, opts):
+#: Ports as OVSDB describes them: the interface part of the key (opaque
+#: bytes from Python, in the heads the C takes) differs in length from
+#: port to port: a name past OVS's 64-byte limit, a description, none;
+#: port 2 is a VXLAN port (samples with tunnel metadata leave the C).
+PORTS = {
+    1: interfaces.Interface(1, "p" * 70, ifindex=5, if_type=6,
+                            description="uplink " * 30),
+    2: interfaces.Interface(2, "vx", ifindex=6, type="vxlan"),
+    3: interfaces.Interface(3, "", ifindex=0xFFFFFFFF),
+}
+TUNNEL = upcall.Tunnel(b"\x0a\0\0\1", b"\x0a\0\0\2", 9, 4789, 77, 1)
+
+
+def run_three(batches, opts, ports=None):
     """Feed the same batches to three exporters: C batch path, Python
     batch path, general path; return their cache states."""
     c_exp, py_exp, gen_exp = (Exporter(opts, 0.0) for _ in range(3))
+    for e in (c_exp, py_exp, gen_exp):
+        e.set_ports(PORTS if ports is None else ports)
     try:
         for now, batch in batches:
             c_exp.sample_bridge_batch(batch, now)
@@ -86,7 +101,8 @@ def run_three(batches, opts):
         for now, batch in batches:
             for s in batch:
                 gen_exp.sample_bridge(s.frame, s.orig_len, s.input_port,
-                                      s.output_port, now, s.probability)
+                                      s.output_port, now, s.probability,
+                                      s.tunnel)
         states = [cache_state(e) for e in (c_exp, py_exp, gen_exp)]
         # Then a flush (FlowCache.flush: C expired_flows, or Python).
         c_exp.cache.flush(1e6)
@@ -105,8 +121,9 @@ SAMPLE = st.tuples(
     frames(),
     st.sampled_from([0, 0, 1, 40, UINT32_MAX - 60]),   # extra orig length
     st.sampled_from([1, 2]),                           # input port
-    st.sampled_from([None, None, 3]),                  # output port
-    st.sampled_from([0, 1, 2, 400, UINT32_MAX]))       # probability
+    st.sampled_from([None, None, 3, 4]),               # output port
+    st.sampled_from([0, 1, 2, 400, UINT32_MAX]),       # probability
+    st.sampled_from([None, None, None, TUNNEL]))       # tunnel metadata
 
 
 @needs_c
@@ -122,8 +139,8 @@ def test_c_equals_python_equals_general(batches, max_flows, timeout, in_s,
                           input_sampling=in_s, output_sampling=out_s,
                           cache=CacheOptions(timeout, max_flows))
     fed = [(1.0 + i, [BridgeSample("br0", i_p, o_p, p, f,
-                                   min(len(f) + extra, UINT32_MAX))
-                      for f, extra, i_p, o_p, p in batch])
+                                   min(len(f) + extra, UINT32_MAX), tun)
+                      for f, extra, i_p, o_p, p, tun in batch])
            for i, batch in enumerate(batches)]
     c_state, py_state, gen_state = run_three(fed, opts)
     assert c_state == py_state
@@ -163,6 +180,41 @@ def test_growth_during_a_batch():
     c_state, py_state, _ = run_three([(1.0, batch)], opts)
     assert c_state == py_state
     assert len(c_state[0]) == 5000
+
+
+@needs_c
+def test_c_keys_carry_the_interface_part_and_leave_tunnels_to_python():
+    """The heads the C takes hold the interface part Python built once
+    per port pair (names and descriptions, OVS's limits applied); a
+    sample with tunnel metadata stops the C loop, Python keys it with
+    its tunnel part; the three paths agree."""
+    import traffic as tr
+    f = tr.ethernet(tr.ipv4(tr.udp(1, 2), proto=17))
+    batch = [BridgeSample("br0", 1, None, 1, f, 60),
+             BridgeSample("br0", 2, None, 1, f, 60, TUNNEL),
+             BridgeSample("br0", 2, None, 1, f, 60),
+             BridgeSample("br0", 1, 2, 1, f, 60)]
+    exp = Exporter(bridge_options(), 0.0)
+    exp.set_ports(PORTS)
+    try:
+        stop, fast, new = C.bridge_batch(batch, 0, 1.0, 1, exp._heads_for,
+                                         packet.TOS_FIELDS, exp.cache)
+        assert (stop, fast, new) == (1, 1, 1)
+        [key] = exp.cache.index
+        name = b"p" * interfaces.MAX_NAME_LEN
+        assert bytes((len(name),)) + name in key
+        assert b"uplink" in key
+        assert C.bridge_batch(batch, 2, 1.0, 1, exp._heads_for,
+                              packet.TOS_FIELDS, exp.cache) == (4, 2, 2)
+    finally:
+        exp.close(2.0)
+    c_state, py_state, gen_state = run_three([(1.0, batch)],
+                                             bridge_options())
+    assert c_state == py_state == gen_state
+    keys = list(c_state[0])
+    assert len(keys) == 4
+    assert sum(k.endswith(interfaces.tunnel_part(PORTS[2], TUNNEL))
+               for k in keys) == 1
 
 
 @needs_c

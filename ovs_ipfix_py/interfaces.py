@@ -49,10 +49,10 @@ TUNNEL_PORT_TYPES = {"vxlan": 1, "gre": 2, "lisp": 3, "stt": 4,
                      "geneve": 7}
 #: tunnelKey length (bytes) and tunnelProtocolIdentifier per tunnelType.
 TUNNEL_KEY_LENGTH = {1: 3, 2: 4, 3: 3, 4: 8, 7: 3}
-#: As OVS 3.1 sends it, our differential reference: its tunnel_protocol[]
-#: table stops one entry short of Geneve (7), so Geneve gets 0.  OVS
-#: 3.4 and later send 17 (README, differences table).
-TUNNEL_PROTOCOL = {1: 17, 2: 47, 3: 17, 4: 6, 7: 0}
+#: Geneve runs over UDP: 17, as OVS 3.4 and later send it.  OVS 3.1's
+#: tunnel_protocol[] table stops one entry short of Geneve (7) and sends
+#: 0, a defect we do not copy (README, differences table).
+TUNNEL_PROTOCOL = {1: 17, 2: 47, 3: 17, 4: 6, 7: 17}
 
 #: OVS truncates names and descriptions (MAX_IF_NAME_LEN,
 #: MAX_IF_DESCR_LEN).

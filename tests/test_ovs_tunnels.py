@@ -43,6 +43,16 @@ TUNNEL_FIELDS = ("tunnel_type", "tunnel_key", "tunnel_src", "tunnel_dst",
                  "tunnel_proto", "tunnel_src_port", "tunnel_dst_port")
 
 
+def ovs31_geneve_protocol(record):
+    """OVS 3.1 sends Geneve's tunnelProtocolIdentifier as 0 (its
+    tunnel_protocol[] table stops one entry short of Geneve; 3.4 and
+    later send 17, as we do): the one tunnel field compared after
+    mending, and only when OVS sent exactly that defect."""
+    if record.get("tunnel_type") == 7 and record.get("tunnel_proto") == 0:
+        return dict(record, tunnel_proto=17)
+    return record
+
+
 def test_egress_tunnel_port_sampling_gives_what_ovs_gives(pair):  # noqa: F811
     args = []
     for name, ofport, ptype, local, remote, key, *_ in TUNNEL_PORTS:
@@ -229,6 +239,7 @@ def test_ingress_on_tunnel_ports_gives_what_ovs_gives(native):
         def by_key(recs):
             return {tuple(r.get(k) for k in KEY_FIELDS + TUNNEL_FIELDS):
                     r["packets"] for r in recs}
+        ovs_recs = [ovs31_geneve_protocol(r) for r in ovs_recs]
         theirs, mine = by_key(ovs_recs), by_key(our_recs)
         assert len(theirs) == len(ovs_recs) == len(mine) == 12, decoder
         names = KEY_FIELDS + TUNNEL_FIELDS
@@ -248,5 +259,4 @@ def test_ingress_on_tunnel_ports_gives_what_ovs_gives(native):
             ("t_vx", 1, "001389", REMOTE, LOCAL, 17),
             ("t_vx", 1, "00138a", REMOTE, LOCAL, 17),
             ("t_gre", 2, "01000001", REMOTE, LOCAL, 47),
-            # OVS 3.1: Geneve's tunnelProtocolIdentifier is 0.
-            ("t_gnv", 7, "001b59", REMOTE, LOCAL, 0)}, decoder
+            ("t_gnv", 7, "001b59", REMOTE, LOCAL, 17)}, decoder

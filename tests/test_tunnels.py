@@ -90,9 +90,8 @@ def test_gre_key_is_4_bytes_and_geneve_3(collector):
     assert got[2]["tunnel_key"] == "02030405"
     assert got[2]["tunnel_proto"] == 47
     assert got[7]["tunnel_key"] == "030405"
-    # OVS 3.1 sends Geneve's tunnelProtocolIdentifier as 0 (its table
-    # stops one short); we follow 3.1 (README).
-    assert got[7]["tunnel_proto"] == 0
+    # Geneve is UDP: 17 (OVS 3.1 sends 0, a defect not copied: README).
+    assert got[7]["tunnel_proto"] == 17
     assert (got[7]["if_name"], got[7]["if_descr"],
             got[7]["ingress_if_type"]) == ("gnv", "geneve", 6)
 

@@ -90,6 +90,13 @@ class TlsTransport(TcpTransport):
         except ssl.SSLWantWriteError:
             self._want = select.POLLOUT
             return False
+        except ssl.SSLCertVerificationError as e:
+            raise OSError("TLS handshake failed: certificate verify "
+                          "failed: %s" % (e.verify_message or e.reason)) \
+                from None
+        except ssl.SSLError as e:
+            raise OSError("TLS handshake failed: %s"
+                          % (e.reason or e)) from None
         self.tls_version = self._tls.version()
         log.info("%s: %s, cipher %s", self.spec, self.tls_version,
                  self._tls.cipher()[0])

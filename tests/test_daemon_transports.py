@@ -130,8 +130,9 @@ def test_every_transport_delivers_exact_flows(ovsdb, pki, tmp_path):
         show = plugin.appctl("ipfix/show")
         lines = collector_lines(show)
         assert len(lines) == 4, show
-        for spec in targets[1:]:
-            assert any(line.startswith(f"collector {spec}: connected, ")
+        for spec, state in zip(targets[1:], ("connected", "connected",
+                                             "open")):
+            assert any(line.startswith(f"collector {spec}: {state}, ")
                        and "dropped 0 records" in line
                        for line in lines), show
         # ipfix/reopen: the renamed file is complete, a new one starts.

@@ -36,6 +36,7 @@ class FileTransport(StreamTransport):
     """An RFC 5655 file at ``target.path`` (absolute)."""
 
     kind = "file"
+    CONNECT_FAILED = "cannot open"
 
     def __init__(self, target, buffer_size: int = DEFAULT_BUFFER_SIZE,
                  on_lost=None):
@@ -61,6 +62,13 @@ class FileTransport(StreamTransport):
                 pass
             raise
         return done
+
+    def state_name(self) -> str:
+        if self.state == CONNECTED:
+            return "open"
+        if self.last_error:
+            return "not open (%s)" % self.last_error
+        return "not open"
 
     def _fileno(self):
         return self.fd

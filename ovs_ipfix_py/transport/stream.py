@@ -118,6 +118,11 @@ class StreamTransport(Transport):
     """A reliable stream to one target (see the module docstring)."""
 
     BACKOFF = tenacity.wait_exponential(multiplier=1, min=1, max=60)
+    #: How a failed start is told in the log and ipfix/show.
+    CONNECT_FAILED = "cannot connect"
+    #: Seconds a connection (TCP and TLS handshakes) may take: a target
+    #: that drops our SYNs must not wait for the kernel's minutes.
+    CONNECT_TIMEOUT = 10.0
 
     def __init__(self, target, buffer_size: int = DEFAULT_BUFFER_SIZE,
                  on_lost=None):
@@ -129,6 +134,7 @@ class StreamTransport(Transport):
         self.last_error: Optional[str] = None
         self._attempts = 0
         self._retry_at: Optional[float] = None   # None: at the next run
+        self._connect_deadline = 0.0
         self._now = 0.0
         # Messages waiting for a session (as the exporter built them).
         self._pending: Deque = collections.deque()
@@ -194,10 +200,14 @@ class StreamTransport(Transport):
                 self._retry_at is None or now >= self._retry_at):
             self._connect(now)
         if self.state == CONNECTING:
+            if now >= self._connect_deadline:
+                self._fail(now, "%s: timed out after %.0f s"
+                           % (self.CONNECT_FAILED, self.CONNECT_TIMEOUT))
+                return
             try:
                 done = self._progress()
             except OSError as e:
-                self._fail(now, "cannot connect: %s" % _reason(e))
+                self._fail(now, "%s: %s" % (self.CONNECT_FAILED, _reason(e)))
                 return
             if done:
                 self._established(now)
@@ -223,6 +233,8 @@ class StreamTransport(Transport):
         if self.state in (IDLE, BACKOFF):
             return self._retry_at if self._retry_at is not None \
                 else float("-inf")
+        if self.state == CONNECTING:
+            return self._connect_deadline
         return None
 
     def close(self) -> None:
@@ -251,9 +263,10 @@ class StreamTransport(Transport):
         try:
             done = self._start()
         except OSError as e:
-            self._fail(now, "cannot connect: %s" % _reason(e))
+            self._fail(now, "%s: %s" % (self.CONNECT_FAILED, _reason(e)))
             return
         self.state = CONNECTING
+        self._connect_deadline = now + self.CONNECT_TIMEOUT
         if done:
             self._established(now)
 

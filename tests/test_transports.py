@@ -445,3 +445,55 @@ def test_unwritable_file_counted_and_retried(tmp_path):
     records, _ = file_records(path)
     assert our_totals(records) == truth_totals(truth)
     assert exp.stats.not_sent_flows == 0
+
+
+def test_stream_session_rewrites(tmp_path):
+    """What a stream does to the exporter's messages, byte for byte: its
+    own sequence numbers, each template once per session, a template
+    redefined only after its withdrawal, a new file starting with every
+    template."""
+    from ovs_ipfix_py import message
+
+    path = os.path.join(tmp_path, "s.ipfix")
+    t = col.make_transport(col.parse_target("file:" + path))
+    t.run(0.0)
+
+    def msg(sets, seq, records):
+        body = b"".join(message.SET_HEADER.pack(sid, 4 + len(b)) + b
+                        for sid, b in sets)
+        m = message.Message(message.HEADER.pack(
+            10, 16 + len(body), 1, seq, 7) + body)
+        m.domain, m.records = 7, records
+        return m
+
+    tmpl_a = bytes.fromhex("0100 0001 0002 0004")     # id 256: packets
+    tmpl_b = bytes.fromhex("0100 0001 0001 0004")     # id 256: octets
+    data = bytes.fromhex("00000005")
+    sent = [msg([(2, tmpl_a), (256, data)], 40, 1),
+            msg([(2, tmpl_a)], 41, 0),                # a refresh
+            msg([(256, data + data)], 41, 2),
+            msg([(2, tmpl_b), (256, data)], 43, 1)]
+    for m in sent:
+        assert t.send(m)
+    t.reopen()
+    assert t.send(msg([(256, data)], 44, 1))
+    t.close()
+    with open(path, "rb") as f:
+        got = f.read()
+    msgs = parse_messages(got)
+    assert [m.sequence for m in msgs] == [0, 1, 3, 0, 0]
+    assert len(msgs[0].templates) == 1 and len(msgs[0].records) == 1
+    # The refresh is not sent; the redefinition is withdrawn first.
+    assert msgs[2].sets[0].set_id == 2
+    raw = got[sum(m.length for m in msgs[:2]):]
+    assert raw[16:20] == message.SET_HEADER.pack(2, 4 + 4 + len(tmpl_b))
+    assert raw[20:24] == bytes.fromhex("0100 0000") and \
+        raw[24:32] == tmpl_b
+    # The new file: the templates (the latest), then the data, from 0.
+    assert msgs[3].templates and not msgs[3].records
+    start = sum(m.length for m in msgs[:3])
+    assert got[start + 16:start + 20] == message.SET_HEADER.pack(
+        2, 4 + len(tmpl_b))
+    assert got[start + 20:start + 28] == tmpl_b
+    assert [m.sequence for m in msgs[3:]] == [0, 0]
+    assert t.dropped_records == 0

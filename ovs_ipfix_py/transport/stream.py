@@ -20,10 +20,11 @@ its own, so it rewrites what makes a message belong to a session:
   lost to a full buffer) gets its template injected in front of it.
 - **No template twice in a session.**  Over a reliable transport a
   template is sent once per session: the periodic re-sending of RFC 7011
-  section 8.4 is for UDP (over TCP, section 10.4.2, the session itself
-  keeps the collector in step).  Template records the session has
-  already carried, identical, are cut out of the messages; a message
-  left with nothing is not sent.
+  section 8.4 is for UDP (over TCP the session itself keeps the
+  collector in step).  Template records the session has already
+  carried, identical, are cut out of the messages; a message left with
+  nothing is not sent.  An id given a new layout within a session is
+  withdrawn first (section 8.1), in the same set, just before.
 
 While there is no session (connecting, collector down, file not
 writable) messages wait in a buffer bounded by ``buffer_size`` bytes
@@ -411,7 +412,13 @@ class StreamTransport(Transport):
                 keep = []
                 for tid, record in template_records(set_id, msg, start,
                                                     end):
-                    if carried.get(tid) != record:
+                    old = carried.get(tid)
+                    if old != record:
+                        if old is not None:
+                            # RFC 7011 section 8.1: an id is redefined
+                            # in a session only after its withdrawal
+                            # (a record of the id and 0 fields).
+                            keep.append(_HH.pack(tid, 0))
                         carried[tid] = record
                         keep.append(record)
                 if parts is None:

@@ -177,9 +177,11 @@ def test_tls_target_needs_certificates():
 
 # -- TCP ----------------------------------------------------------------------
 
-def test_tcp_stream_is_judged_clean(tmp_path):
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6],
+                         ids=["ipv4", "ipv6"])
+def test_tcp_stream_is_judged_clean(tmp_path, family):
     frames, truth = tr.traffic_mix(31)
-    with TcpCollector() as c, UdpCollector() as u:
+    with TcpCollector(family) as c, UdpCollector(family) as u:
         spec = "tcp:" + c.target
         exp = make_exporter([spec, u.target])
         try:

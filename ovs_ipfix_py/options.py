@@ -27,8 +27,9 @@ DEFAULT_STATS_INTERVAL = 600
 DEFAULT_MAX_MESSAGE_SIZE = 1400
 MIN_MAX_MESSAGE_SIZE = 512
 #: other_config:collector-buffer-size (bytes): what a TCP, TLS or file
-#: target holds while its collector is away.
-DEFAULT_COLLECTOR_BUFFER_SIZE = 1 << 20
+#: target holds while its collector is away or slower than a flush
+#: (transport/stream.py says why so much).
+DEFAULT_COLLECTOR_BUFFER_SIZE = 64 << 20
 MAX_COLLECTOR_BUFFER_SIZE = 1 << 30
 
 

@@ -331,7 +331,7 @@ def test_partial_writes_lose_nothing(tmp_path):
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     spec = "tcp:127.0.0.1:%d" % listener.getsockname()[1]
-    exp = make_exporter([spec], collector_buffer_size=64 << 20)
+    exp = make_exporter([spec])   # the default buffer
     conn = None
     try:
         t = stream_of(exp, spec)

@@ -64,8 +64,11 @@ from ovs_ipfix_py.transport import Transport
 
 log = RateLimitedLog("collector")
 
-#: Default of other_config:collector-buffer-size (bytes).
-DEFAULT_BUFFER_SIZE = 1 << 20
+#: Default of other_config:collector-buffer-size (bytes): room for the
+#: flush of a cache of about 600,000 flows on top of the kernel's socket
+#: buffer (a flush is written in one burst, which even a healthy
+#: collector reads after the fact), or for a collector away a while.
+DEFAULT_BUFFER_SIZE = 64 << 20
 
 _SEQUENCE = struct.Struct("!I")
 _U16 = struct.Struct("!H")

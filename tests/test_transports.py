@@ -217,7 +217,8 @@ def test_tcp_stream_is_judged_clean(tmp_path, family):
                                   parse_collector(u).messages if m.records]
 
 
-def test_tcp_drop_noticed_at_once_and_reconnected(tmp_path):
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_tcp_drop_noticed_at_once_and_reconnected(tmp_path, how):
     frames, truth = tr.traffic_mix(32)
     half = len(frames) // 2
     with TcpCollector() as c:
@@ -231,7 +232,10 @@ def test_tcp_drop_noticed_at_once_and_reconnected(tmp_path):
             first = truth_of(frames[:half])
             assert pump(exp, [c], lambda: len(
                 parse_collector(c).records) >= len(first))
-            c.close_connections()
+            if how == "close":
+                c.close_connections()
+            else:
+                c.reset_connections()
             # The loop sleeps on the poller: the EOF must wake it, well
             # before the 30 s timer.
             poller = ovs.poller.Poller()
@@ -242,8 +246,9 @@ def test_tcp_drop_noticed_at_once_and_reconnected(tmp_path):
             assert time.monotonic() - start < 10
             exp.run(time.time())
             assert not t.connected
-            assert "not connected (collector closed the connection)" in \
-                exp.show()
+            assert ("not connected (collector closed the connection)"
+                    if how == "close" else "not connected (connection lost:"
+                    " Connection reset by peer (ECONNRESET))") in exp.show()
             # Exported while away: buffered, then sent on the new
             # connection (backoff: 1 s).
             feed(exp, frames[half:])

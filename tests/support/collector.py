@@ -282,6 +282,13 @@ class TcpCollector(_Collector):
                 pass
             self._drop(conn)
 
+    def reset_connections(self):
+        """Reset every accepted connection (RST: SO_LINGER 0, close)."""
+        for conn in list(self._peers):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                            struct.pack("ii", 1, 0))
+            self._drop(conn)
+
     def close(self):
         self.close_connections()
         super().close()

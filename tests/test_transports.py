@@ -504,3 +504,34 @@ def test_stream_session_rewrites(tmp_path):
     assert got[start + 20:start + 28] == tmpl_b
     assert [m.sequence for m in msgs[3:]] == [0, 0]
     assert t.dropped_records == 0
+
+
+def test_tcp_connect_times_out(tmp_path):
+    """A collector whose SYN queue is full (its SYNs dropped) leaves
+    the connection in progress: after CONNECT_TIMEOUT s (on the clock
+    of ``now``) the attempt is abandoned, counted and retried later."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):    # never accepted: the queue fills up
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(listener.getsockname())
+            fillers.append(s)
+        time.sleep(0.2)
+        spec = "tcp:127.0.0.1:%d" % listener.getsockname()[1]
+        cs = col.CollectorSet((spec,), 1000.0)
+        t = cs.find(spec)
+        assert t.state == "connecting"
+        assert cs.next_retry() == 1000.0 + t.CONNECT_TIMEOUT
+        cs.run(1000.0 + t.CONNECT_TIMEOUT)
+        assert t.state == "backoff" and t.tx_errors == 1
+        assert "timed out after 10 s" in t.describe()
+        assert cs.next_retry() == 1000.0 + t.CONNECT_TIMEOUT + 1
+        cs.close()
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

@@ -57,7 +57,9 @@ class ExporterStats:
     ``flows``: flows created; ``current_flows``: flows cached now;
     ``pkts``: samples taken; ``ipv4_ok``/``ipv6_ok``/``ipv4_errs``/
     ``ipv6_errs``/``errs`` classify them as OVS does; ``tx_pkts``/
-    ``tx_errs``: messages sent/failed, per collector.  Beyond OVS:
+    ``tx_errs``: messages sent/failed, per collector (a TCP, TLS or
+    file target counts a message it queued as sent, and one it loses
+    later as failed).  Beyond OVS:
     ``records`` exported, and the RFC 7011 section 4.3 not-sent totals.
     """
 

@@ -18,8 +18,10 @@ file):
   statistics' notSent* totals, ipfix/show);
 - partial writes: a collector that does not read stalls nothing and
   loses nothing;
+- a connection that never completes is abandoned after a timeout;
 - files: readable as a whole after every export, a new file (templates
-  first) on reopen, an unwritable path counted and retried.
+  first) on reopen, an unwritable path counted and retried;
+- byte for byte, what a stream does to the exporter's messages.
 """
 
 import os

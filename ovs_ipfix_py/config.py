@@ -59,13 +59,16 @@ import ovs.db.idl
 import ovs.json
 import ovs.jsonrpc
 
-from ovs_ipfix_py.collector import split_target as parse_target
+from ovs_ipfix_py.collector import parse_target as check_target
+from ovs_ipfix_py.collector import split_target as parse_target  # noqa: F401
 from ovs_ipfix_py.interfaces import Interface, Ports
 from ovs_ipfix_py.options import (
+    DEFAULT_COLLECTOR_BUFFER_SIZE,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_SAMPLING,
     DEFAULT_STATS_INTERVAL,
     DEFAULT_TEMPLATE_INTERVAL,
+    MAX_COLLECTOR_BUFFER_SIZE,
     MIN_MAX_MESSAGE_SIZE,
     UINT32_MAX,
     BridgeExporterOptions,
@@ -498,13 +501,14 @@ class ConfigReader:
         targets = tuple(sorted(row.targets))
         for target in targets:
             try:
-                parse_target(target)
+                check_target(target)
             except ValueError as e:
                 reading.warn(
                     f"target {where} {target!r}",
-                    f"{where}: IPFIX target {target!r} is not IP:PORT, "
-                    f"[IPv6]:PORT, HOST:PORT or a bare address/host ({e}); "
-                    "the collector layer will skip it")
+                    f"{where}: IPFIX target {target!r} is not [udp:|tcp:|"
+                    f"tls:]IP:PORT, [IPv6]:PORT, HOST:PORT, a bare "
+                    f"address/host or file:/PATH ({e}); the collector "
+                    "layer will skip it")
         return ExportOptions(
             targets=targets,
             cache=CacheOptions(
@@ -519,7 +523,8 @@ class ConfigReader:
             max_message_size=self._max_message_size(row, where, reading),
             enable_tunnel_sampling=self._bool(
                 row, "enable-tunnel-sampling", True, where, reading),
-            virtual_obs_id=self._virtual_obs_id(row, where, reading))
+            virtual_obs_id=self._virtual_obs_id(row, where, reading),
+            collector_buffer_size=self._buffer_size(row, where, reading))
 
     def _int(self, row, column: str, where: str, reading: _Reading) -> int:
         lo, hi, default = IPFIX_INT_COLUMNS[column]
@@ -569,6 +574,27 @@ class ConfigReader:
                          f"={size} is out of range {MIN_MAX_MESSAGE_SIZE}.."
                          f"{MAX_MAX_MESSAGE_SIZE}, using {clamped}")
         return clamped
+
+    @staticmethod
+    def _buffer_size(row, where: str, reading: _Reading) -> int:
+        """other_config:collector-buffer-size, bytes (0 to 1 GiB)."""
+        value = row.other_config.get("collector-buffer-size")
+        if value is None:
+            return DEFAULT_COLLECTOR_BUFFER_SIZE
+        key = f"{where} collector-buffer-size"
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()):
+            reading.warn(key, f"{where}: IPFIX other_config:collector-"
+                         f"buffer-size={value!r} is not a number of bytes, "
+                         f"using {DEFAULT_COLLECTOR_BUFFER_SIZE}")
+            return DEFAULT_COLLECTOR_BUFFER_SIZE
+        size = int(text)
+        if size > MAX_COLLECTOR_BUFFER_SIZE:
+            reading.warn(key, f"{where}: IPFIX other_config:collector-"
+                         f"buffer-size={size} is over "
+                         f"{MAX_COLLECTOR_BUFFER_SIZE}, using it")
+            return MAX_COLLECTOR_BUFFER_SIZE
+        return size
 
     @staticmethod
     def _virtual_obs_id(row, where: str,

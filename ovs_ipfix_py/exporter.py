@@ -61,7 +61,9 @@ class ExporterStats:
     ``flows``: flows created; ``current_flows``: flows cached now;
     ``pkts``: samples taken; ``ipv4_ok``/``ipv6_ok``/``ipv4_errs``/
     ``ipv6_errs``/``errs`` classify them as OVS does; ``tx_pkts``/
-    ``tx_errs``: messages sent/failed, per collector.  Beyond OVS:
+    ``tx_errs``: messages sent/failed, per collector (a TCP, TLS or
+    file target counts a message it queued as sent, and one it loses
+    later as failed).  Beyond OVS:
     ``records`` exported, and the RFC 7011 section 4.3 not-sent totals.
     """
 
@@ -99,7 +101,7 @@ class Exporter:
             raise TypeError("not exporter options: %r" % (options,))
         self.exporting_process_id = zlib.crc32(
             repr(options.key).encode()) & UINT32_MAX
-        self.collectors = CollectorSet(options.export.targets, now)
+        self.collectors = self._collector_set(options.export, now)
         self.writer = message.MessageWriter(
             min(options.export.max_message_size, MAX_UDP_PAYLOAD),
             options.export.template_interval)
@@ -199,7 +201,7 @@ class Exporter:
             # the exporting process statistics, as on close().
             self._send_stats(now)
             self.collectors.close()
-            self.collectors = CollectorSet(new.targets, now)
+            self.collectors = self._collector_set(new, now)
             self.writer = message.MessageWriter(
                 min(new.max_message_size, MAX_UDP_PAYLOAD),
                 new.template_interval)
@@ -208,11 +210,37 @@ class Exporter:
                                        MAX_UDP_PAYLOAD)
             self.writer.template_interval = new.template_interval
             self.writer.forget_templates()
+            self.collectors.set_buffer_size(new.collector_buffer_size)
         self.cache.active_timeout = new.cache.active_timeout
         self.cache.max_flows = new.cache.max_flows
         if new.stats_interval != old.stats_interval:
             self.next_stats = now + new.stats_interval
         self._derive_params()
+
+    # -- transports (issue 13) -----------------------------------------
+
+    def _collector_set(self, export, now: float) -> CollectorSet:
+        return CollectorSet(export.targets, now,
+                            export.collector_buffer_size, self._lost)
+
+    def _lost(self, msg: message.Message) -> None:
+        """A message a stream accepted and lost later (its buffer
+        overflowed, its connection broke in the middle of it, or it was
+        still queued at close): a transmit error, its records not sent
+        (RFC 7011 section 4.3)."""
+        st = self.stats
+        st.tx_errs += 1
+        st.not_sent_flows += msg.flows
+        st.not_sent_packets += msg.packets
+        st.not_sent_octets += msg.octets
+
+    def wait(self, poller) -> None:
+        """The transports' sockets (connecting, writing, EOF)."""
+        self.collectors.wait(poller)
+
+    def reopen(self) -> None:
+        """File targets start a new file (log rotation)."""
+        self.collectors.reopen()
 
     def close(self, now: float) -> None:
         """Flush as forced end, send final statistics, close sockets."""
@@ -471,6 +499,7 @@ class Exporter:
             # A collector joined: every template goes out again, before
             # the next data, so it never sees data it cannot decode.
             self.writer.forget_templates()
+        self.collectors.run(now)
         self.cache.expire(now)
         self._export_expired(now)
         for domain in self.writer.refresh_due(now):
@@ -581,11 +610,11 @@ class Exporter:
                      % (" " * len(head), len(self.cache),
                         o.export.cache.active_timeout,
                         o.export.cache.max_flows))
-        lines.append("%scollectors: %s" % (
-            " " * len(head),
-            ", ".join("%s (tx %d, errs %d)" % (c.spec, c.tx_packets,
-                                                c.tx_errors)
-                      for c in self.collectors.collectors) or "none"))
+        described = self.collectors.describe()
+        if not described:
+            lines.append("%scollectors: none" % (" " * len(head)))
+        for line in described:
+            lines.append("%scollector %s" % (" " * len(head), line))
         for spec, why in self.collectors.bad_targets:
             lines.append("%sbad target %s: %s" % (" " * len(head), spec,
                                                   why))

@@ -294,6 +294,32 @@ def test_invalid_values_warn_once_and_never_raise(ovsdb, reader_factory):
     assert "'abc' is not a number of bytes" in cfg.recent_warnings[-1]
 
 
+def test_transport_targets_and_buffer_size(ovsdb, reader_factory):
+    """tcp:/tls:/file: targets are read as they are; a bad one warns;
+    other_config:collector-buffer-size is bytes, checked."""
+    cfg = reader_factory(ovsdb.remote)
+    create_ipfix(ovsdb, ipfix_args=[
+        'targets=["tcp:127.0.0.1:4739","tls:[::1]","file:/var/x.ipfix",'
+        '"file:relative"]',
+        "other_config:collector-buffer-size=4096"])
+    value = sync(cfg)[("bridge", "br0")]
+    assert value.export.targets == ("file:/var/x.ipfix", "file:relative",
+                                    "tcp:127.0.0.1:4739", "tls:[::1]")
+    assert value.export.collector_buffer_size == 4096
+    warnings = list(cfg.recent_warnings)
+    assert len(warnings) == 1 and "'file:relative'" in warnings[0] \
+        and "absolute path" in warnings[0], warnings
+    ovsdb.vsctl("set", "IPFIX", ".", "other_config:collector-buffer-size=x")
+    assert sync(cfg)[("bridge", "br0")].export.collector_buffer_size == \
+        64 << 20
+    assert "collector-buffer-size='x' is not a number of bytes" in \
+        cfg.recent_warnings[-1]
+    ovsdb.vsctl("remove", "IPFIX", ".", "other_config",
+                "collector-buffer-size")
+    assert sync(cfg)[("bridge", "br0")].export.collector_buffer_size == \
+        64 << 20
+
+
 def read_with_vlog(remote):
     """Sync a reader in a child process with ovs.vlog initialised
     (Vlog.init() is process-wide); returns (desired keys and

@@ -116,8 +116,9 @@ class ExporterDaemon:
     safe to call twice.
     """
 
-    def __init__(self, server, name="exporter"):
+    def __init__(self, server, name="exporter", args=()):
         self.server = server
+        self.args = list(args)   # more command-line options
         work = server.workdir
         self.channel = os.path.join(work, name + ".sock")
         self.ctl = os.path.join(work, name + ".ctl")
@@ -133,7 +134,7 @@ class ExporterDaemon:
         self.proc = subprocess.Popen(
             ["ovs-ipfix-exporter", "--db=" + self.server.remote,
              "--channel=" + self.channel, "--unixctl=" + self.ctl,
-             "--log-file=" + self.log, "-vconsole:off"],
+             "--log-file=" + self.log, "-vconsole:off", *self.args],
             stdin=subprocess.DEVNULL, env=self.server.env,
             cwd=self.server.workdir)
 

@@ -690,14 +690,14 @@ def _expert_messages(node, found):
             _expert_messages(value, found)
 
 
-def _run_tshark(pcap_path, port):
+def _run_tshark(pcap_path, port, transport="udp"):
     tshark = require("tshark", "tshark")
     # The cflow dissector drops templates of over 60 fields by default:
     # 0 lifts the limit.
     argv = [tshark, "-n", "-r", pcap_path,
-            "-d", f"udp.port=={port},cflow",
+            "-d", f"{transport}.port=={port},cflow",
             "-o", "cflow.max_template_fields:0",
-            "-J", "frame udp cflow _ws.malformed _ws.expert",
+            "-J", f"frame {transport} cflow _ws.malformed _ws.expert",
             "-T", "json", "--no-duplicate-keys"]
     result = subprocess.run(argv, capture_output=True, text=True,
                             stdin=subprocess.DEVNULL, timeout=300)
@@ -707,11 +707,13 @@ def _run_tshark(pcap_path, port):
     return json.loads(result.stdout) if result.stdout.strip() else []
 
 
-def tshark_decode(pcap_path, port):
-    """Decode ``pcap_path`` with tshark, IPFIX on UDP ``port``."""
+def tshark_decode(pcap_path, port, transport="udp"):
+    """Decode ``pcap_path`` with tshark, IPFIX on UDP ``port`` (or, with
+    ``transport="tcp"``, on TCP: messages reassembled from the stream,
+    several per frame, a frame with none is no problem)."""
     records, options, messages, warnings = [], [], [], []
     kinds = {}  # (domain, template id) -> (options?, min record length)
-    for packet in _run_tshark(pcap_path, port):
+    for packet in _run_tshark(pcap_path, port, transport):
         layers = packet["_source"]["layers"]
         frame = int(_first(layers["frame"]["frame.number"]))
         found = []
@@ -719,13 +721,16 @@ def tshark_decode(pcap_path, port):
         warnings.extend(f"frame {frame}: {text}" for text in found)
         cflows = layers.get("cflow")
         if cflows is None:
-            warnings.append(f"frame {frame}: not decoded as IPFIX")
+            if transport == "udp":
+                warnings.append(f"frame {frame}: not decoded as IPFIX")
             continue
-        udp_payload = int(_first(layers["udp"]["udp.length"])) - 8
+        udp_payload = int(_first(layers["udp"]["udp.length"])) - 8 \
+            if transport == "udp" else None
         for cflow in cflows if isinstance(cflows, list) else [cflows]:
             domain = int(_first(cflow.get("cflow.od_id", "0")))
             length = int(_first(cflow.get("cflow.len", "0")))
-            if not isinstance(cflows, list) and length != udp_payload:
+            if udp_payload is not None and not isinstance(cflows, list) \
+                    and length != udp_payload:
                 warnings.append(f"frame {frame}: message length {length}"
                                 f" != UDP payload {udp_payload}")
             count = 0

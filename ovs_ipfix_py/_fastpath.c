@@ -14,16 +14,16 @@
  *   reads (Ethernet, 802.1Q/802.1ad and an inner tag, 802.3 and runt
  *   frames, IPv4 with options and fragments, IPv6 with extension
  *   headers, TCP/UDP/SCTP/ICMP/ICMPv6, cut frames) built in C,
- *   looked up in the cache's index (a Python dict), the flow's
+ *   looked up in the cache's index (a FlowIndex or a dict), the flow's
  *   aggregates updated in the cache's typed arrays, the statistics
  *   counted as Exporter.sample_bridge/sample_flow count them.  A new
  *   flow is inserted here when that is all there is to it (a free slot,
  *   no expiry); otherwise it goes to FlowCache._insert, so growth and
- *   max_flows expiry stay in flowcache.py.  The interface part of the
- *   key and the template ids come from Python (Exporter._c_params), so
- *   the key's layout is decided there.  At the first sample it does not
- *   take (tunnel metadata, values out of range, an object of another
- *   type) it stops and says where: the caller hands that sample to the
+ *   max_flows expiry stay in flowcache.py.  The interface and tunnel
+ *   parts of the key and the template ids come from Python
+ *   (Exporter._c_params), so the key's layout is decided there.  At the
+ *   first sample it does not take (values out of range, an object of
+ *   another type) it stops and says where: the caller hands that sample to the
  *   general path and calls again, so samples are aggregated in order.
  * - FlowIndex: the flow cache's index as an open-addressing table
  *   (keys inline by slot), replacing its dict where this is built.
@@ -178,6 +178,8 @@ enum { L2_ETH, L2_VLAN };
 enum { L3_NONE, L3_IPV4, L3_IPV6 };
 enum { L4_NONE, L4_TCP, L4_UDP, L4_SCTP, L4_ICMP };
 #define N_LAYOUTS 60            /* 2 L2 x 3 L3 x 5 L4 x 2 directions */
+/* The template table: N_LAYOUTS untunnelled, then N_LAYOUTS tunnelled. */
+#define N_TIDS (2 * N_LAYOUTS)
 
 #define ETH_TYPE_IP 0x0800
 #define ETH_TYPE_IPV6 0x86DD
@@ -352,20 +354,26 @@ put_ipv6(unsigned char *p, const unsigned char *f, Py_ssize_t ip,
 }
 
 /* Longest interface part (port pair blob) a key may carry. */
-#define PORTS_MAX 256
+#define PORTS_MAX 512
+/* Longest tunnel part (interfaces.tunnel_part: 15 bytes and the
+ * variable-length tunnelKey). */
+#define TUNNEL_MAX 128
 /* The rest of the longest key: prefix 11, MACs, type and length 15,
  * VLAN 5, IPv6 42, L4 4. */
-#define KEY_MAX (PORTS_MAX + 11 + 15 + 5 + 42 + 4)
+#define KEY_MAX (PORTS_MAX + TUNNEL_MAX + 11 + 15 + 5 + 42 + 4)
 
 /* packet.parse with the cache's key prefix in front: writes
  * KEY_PREFIX(domain, template id) + the encoded key into key[] and
- * returns its length.  The template id comes from tids (N_LAYOUTS
- * big-endian u16, by layout), the interface part is ports[0:ports_len]
- * as Python built it.  Never fails. */
+ * returns its length.  The template id comes from tids (N_TIDS
+ * big-endian u16: by layout, then the same tunnelled), the interface
+ * part is iface[0:iface_len] and the tunnel part (after L4; none when
+ * tunnel_len is 0) tunnel[0:tunnel_len], both as Python built them.
+ * Never fails. */
 static Py_ssize_t
 build_key(unsigned char *key, const unsigned char *f, Py_ssize_t n,
           uint32_t domain, uint32_t point, int dir,
           const char *ports, Py_ssize_t ports_len,
+          const char *tunnel, Py_ssize_t tunnel_len,
           const unsigned char *tids, struct parsed *r)
 {
     unsigned char runt[14];
@@ -433,8 +441,11 @@ build_key(unsigned char *key, const unsigned char *f, Py_ssize_t n,
         l3 = L3_IPV6;
         p = put_ipv6(p, f, off, n, r, &l4);
     }
+    memcpy(p, tunnel, tunnel_len);
+    p += tunnel_len;
     r->is_ip = l3 != L3_NONE;
-    tid_i = ((l2 * 3 + l3) * 5 + l4) * 2 + dir;
+    tid_i = ((l2 * 3 + l3) * 5 + l4) * 2 + dir
+            + (tunnel_len ? N_LAYOUTS : 0);
     r->layout = tid_i;
     key[4] = tids[2 * tid_i];
     key[5] = tids[2 * tid_i + 1];
@@ -442,17 +453,18 @@ build_key(unsigned char *key, const unsigned char *f, Py_ssize_t n,
 }
 
 PyDoc_STRVAR(parse_key_doc,
-"parse_key(frame, domain, point, direction, ports, tids)\n"
+"parse_key(frame, domain, point, direction, iface, tunnel, tids)\n"
 "    -> (key, eth_header_len, is_ip, tcp_flags, kind, udp_dst_port)\n"
 "\n"
 "The key builder of sample_batch on its own, for the tests: packet.parse\n"
-"of frame (bytes) with KEY_PREFIX(domain, template id) in front; ports\n"
-"is the key's interface part, tids the template ids by layout.");
+"of frame (bytes) with KEY_PREFIX(domain, template id) in front; iface\n"
+"and tunnel are the key's interface and tunnel parts (b\"\": none), tids\n"
+"the template ids by layout.");
 
 static PyObject *
 parse_key(PyObject *self, PyObject *args)
 {
-    Py_buffer frame, ports, tids;
+    Py_buffer frame, ports, tunnel, tids;
     unsigned long domain, point;
     int dir;
     unsigned char key[KEY_MAX];
@@ -461,18 +473,18 @@ parse_key(PyObject *self, PyObject *args)
     PyObject *res = NULL;
 
     (void) self;
-    if (!PyArg_ParseTuple(args, "y*kkiy*y*:parse_key", &frame, &domain,
-                          &point, &dir, &ports, &tids)) {
+    if (!PyArg_ParseTuple(args, "y*kkiy*y*y*:parse_key", &frame, &domain,
+                          &point, &dir, &ports, &tunnel, &tids)) {
         return NULL;
     }
-    if (ports.len > PORTS_MAX || tids.len != 2 * N_LAYOUTS
-        || (dir != 0 && dir != 1) || domain > 0xFFFFFFFFUL
-        || point > 0xFFFFFFFFUL) {
+    if (ports.len > PORTS_MAX || tunnel.len > TUNNEL_MAX
+        || tids.len != 2 * N_TIDS || (dir != 0 && dir != 1)
+        || domain > 0xFFFFFFFFUL || point > 0xFFFFFFFFUL) {
         PyErr_SetString(PyExc_ValueError, "parse_key: bad argument");
     } else {
         k = build_key(key, frame.buf, frame.len, (uint32_t) domain,
                       (uint32_t) point, dir, ports.buf, ports.len,
-                      tids.buf, &r);
+                      tunnel.buf, tunnel.len, tids.buf, &r);
         res = Py_BuildValue("y#iOIii", (const char *) key, k,
                             r.eth_header_len, r.is_ip ? Py_True : Py_False,
                             (unsigned int) r.tcp_flags, r.kind,
@@ -480,10 +492,10 @@ parse_key(PyObject *self, PyObject *args)
     }
     PyBuffer_Release(&frame);
     PyBuffer_Release(&ports);
+    PyBuffer_Release(&tunnel);
     PyBuffer_Release(&tids);
     return res;
 }
-
 
 /* ------------------------------------------------------------ the index */
 
@@ -1083,7 +1095,7 @@ struct batch_state {
     int is_bridge, enable_in, enable_out;
     unsigned long long default_count;
     uint32_t domain, point;
-    PyObject *ports_for;
+    PyObject *iface_for, *tunnel_for;
     const unsigned char *tids;
     /* Last probabilities seen (by identity: the batch keeps the objects
      * alive) and their packet counts, bridge and flow. */
@@ -1093,55 +1105,81 @@ struct batch_state {
      * sample kind (0 bridge, 1 flow). */
     PyObject *last_in[2], *last_out[2];
     int last_dir[2];
-    PyObject *ports[2];             /* owned: bytes */
+    PyObject *iface[2];             /* owned: bytes */
+    /* Tunnel part, for the last (tunnel, ports) seen, per kind. */
+    PyObject *last_tun[2], *last_tin[2], *last_tout[2];
+    PyObject *tunnel[2];            /* owned: bytes */
 };
 
 static void
 batch_state_clear(struct batch_state *st)
 {
     for (int i = 0; i < 2; i++) {
-        Py_CLEAR(st->ports[i]);
+        Py_CLEAR(st->iface[i]);
+        Py_CLEAR(st->tunnel[i]);
         st->last_in[i] = st->last_out[i] = NULL;
+        st->last_tun[i] = st->last_tin[i] = st->last_tout[i] = NULL;
     }
 }
 
-/* The key's interface part for (in, out, dir): ports_for's bytes,
- * called only when the port pair changes.  NULL (no exception): the
- * sample goes to the general path, which raises what ports_for
- * raises. */
+/* The key's interface part for (in, out, dir): iface_for's bytes
+ * (Exporter._iface_part), called only when the port pair changes.
+ * NULL (no exception): the sample goes to the general path, which
+ * raises what iface_for raises. */
 static PyObject *
-ports_part(struct batch_state *st, int which, PyObject *in_o,
+iface_part(struct batch_state *st, int which, PyObject *in_o,
            PyObject *out_o, int dir)
 {
-    PyObject *b, *d, *zero;
+    PyObject *b, *d;
 
-    if (st->ports[which] && in_o == st->last_in[which]
+    if (st->iface[which] && in_o == st->last_in[which]
         && out_o == st->last_out[which] && dir == st->last_dir[which]) {
-        return st->ports[which];
+        return st->iface[which];
     }
-    /* As Exporter._sample calls it: no output port is port 0. */
-    zero = PyLong_FromLong(0);
     d = PyLong_FromLong(dir);
-    if (!d || !zero) {
-        Py_XDECREF(d);
-        Py_XDECREF(zero);
+    if (!d) {
         PyErr_Clear();
         return NULL;
     }
-    b = PyObject_CallFunctionObjArgs(st->ports_for, in_o,
-                                     out_o == Py_None ? zero : out_o, d,
-                                     NULL);
+    b = PyObject_CallFunctionObjArgs(st->iface_for, in_o, out_o, d, NULL);
     Py_DECREF(d);
-    Py_DECREF(zero);
     if (!b || !PyBytes_Check(b) || PyBytes_GET_SIZE(b) > PORTS_MAX) {
         PyErr_Clear();
         Py_XDECREF(b);
         return NULL;
     }
-    Py_XSETREF(st->ports[which], b);
+    Py_XSETREF(st->iface[which], b);
     st->last_in[which] = in_o;
     st->last_out[which] = out_o;
     st->last_dir[which] = dir;
+    return b;
+}
+
+/* The key's tunnel part for a sample's tunnel metadata: tunnel_for's
+ * bytes (Exporter._tunnel_part; b"" when the sample is keyed without
+ * it), called only when the tunnel or the ports change.  NULL (no
+ * exception): the general path takes the sample. */
+static PyObject *
+tunnel_part(struct batch_state *st, int which, PyObject *in_o,
+            PyObject *out_o, PyObject *tun_o)
+{
+    PyObject *b;
+
+    if (st->tunnel[which] && tun_o == st->last_tun[which]
+        && in_o == st->last_tin[which] && out_o == st->last_tout[which]) {
+        return st->tunnel[which];
+    }
+    b = PyObject_CallFunctionObjArgs(st->tunnel_for, in_o, out_o, tun_o,
+                                     NULL);
+    if (!b || !PyBytes_Check(b) || PyBytes_GET_SIZE(b) > TUNNEL_MAX) {
+        PyErr_Clear();
+        Py_XDECREF(b);
+        return NULL;
+    }
+    Py_XSETREF(st->tunnel[which], b);
+    st->last_tun[which] = tun_o;
+    st->last_tin[which] = in_o;
+    st->last_tout[which] = out_o;
     return b;
 }
 
@@ -1169,6 +1207,7 @@ static int
 take_sample(struct batch_state *st, PyObject *s, struct taken *t)
 {
     PyObject *in_o, *out_o, *p_o, *f_o, *len_o, *tun_o, *ports;
+    PyObject *tunnel = NULL;
     const unsigned char *f;
     unsigned long long orig_len, frame_len, count;
     unsigned char key[KEY_MAX];
@@ -1198,8 +1237,7 @@ take_sample(struct batch_state *st, PyObject *s, struct taken *t)
     } else {
         return 0;
     }
-    /* Tunnel metadata: the general path's business (for now). */
-    if (tun_o != Py_None || !PyBytes_Check(f_o) || !PyLong_Check(len_o)) {
+    if (!PyBytes_Check(f_o) || !PyLong_Check(len_o)) {
         return 0;
     }
     t->key = NULL;
@@ -1278,9 +1316,15 @@ take_sample(struct batch_state *st, PyObject *s, struct taken *t)
             return 0;
         }
     }
-    ports = ports_part(st, is_flow, in_o, out_o, dir);
+    ports = iface_part(st, is_flow, in_o, out_o, dir);
     if (!ports) {
         return 0;
+    }
+    if (tun_o != Py_None) {
+        tunnel = tunnel_part(st, is_flow, in_o, out_o, tun_o);
+        if (!tunnel) {
+            return 0;
+        }
     }
     orig_len = PyLong_AsUnsignedLongLong(len_o);
     if (orig_len == (unsigned long long) -1 && PyErr_Occurred()) {
@@ -1296,7 +1340,8 @@ take_sample(struct batch_state *st, PyObject *s, struct taken *t)
     }
     k = build_key(key, f, flen, domain, point, dir,
                   PyBytes_AS_STRING(ports), PyBytes_GET_SIZE(ports),
-                  st->tids, &r);
+                  tunnel ? PyBytes_AS_STRING(tunnel) : "",
+                  tunnel ? PyBytes_GET_SIZE(tunnel) : 0, st->tids, &r);
     if (!is_flow && (r.udp_dst_port == BFD_PORT
                      || r.udp_dst_port == BFD_ECHO_PORT)) {
         t->action = TAKE_SKIP;      /* OVS never samples BFD */
@@ -1601,16 +1646,18 @@ PyDoc_STRVAR(sample_batch_doc,
 "or Exporter.sample_flow would (packet.parse's key, BFD skipped, samples\n"
 "of an unsampled direction dropped), and add to stats (ExporterStats)\n"
 "what they count, up to the first sample it leaves to those methods\n"
-"(tunnel metadata, a flow sample of probability 0, a value out of the\n"
-"usual range, an object of another type).  stop: that sample's index\n"
-"(len(samples) when all were taken).\n"
+"(a flow sample of probability 0, a value out of the usual range, an\n"
+"object of another type, a key part its maker refused).  stop: that\n"
+"sample's index (len(samples) when all were taken).\n"
 "\n"
 "params = (BridgeSample, FlowSample, is_bridge, default_count, domain,\n"
-"point, enable_input, enable_output, ports_for, tids): the bridge\n"
-"options' values; ports_for(input_port, output_port, direction) the\n"
-"key's interface part (bytes); tids the template id of each layout\n"
-"(60 big-endian u16).  On an exception the cache and stats hold every\n"
-"sample before the one that raised.");
+"point, enable_input, enable_output, iface_for, tunnel_for, tids): the\n"
+"bridge options' values; iface_for(input_port, output_port, direction)\n"
+"the key's interface part and tunnel_for(input_port, output_port,\n"
+"tunnel) its tunnel part (bytes, b\"\" for none: Exporter._iface_part,\n"
+"_tunnel_part); tids the template id of each layout (120 big-endian\n"
+"u16: untunnelled, then tunnelled).  On an exception the cache and\n"
+"stats hold every sample before the one that raised.");
 
 static PyObject *
 sample_batch(PyObject *self, PyObject *args)
@@ -1635,14 +1682,14 @@ sample_batch(PyObject *self, PyObject *args)
                           &now, &PyTuple_Type, &params, &cache, &stats)) {
         return NULL;
     }
-    if (!PyArg_ParseTuple(params, "O!O!pKkkppOy*:sample_batch params",
+    if (!PyArg_ParseTuple(params, "O!O!pKkkppOOy*:sample_batch params",
                           &PyType_Type, &st.bridge_cls, &PyType_Type,
                           &st.flow_cls, &st.is_bridge, &st.default_count,
                           &domain, &point, &st.enable_in, &st.enable_out,
-                          &st.ports_for, &tids)) {
+                          &st.iface_for, &st.tunnel_for, &tids)) {
         return NULL;
     }
-    if (tids.len != 2 * N_LAYOUTS || domain > 0xFFFFFFFFUL
+    if (tids.len != 2 * N_TIDS || domain > 0xFFFFFFFFUL
         || point > 0xFFFFFFFFUL) {
         PyBuffer_Release(&tids);
         PyErr_SetString(PyExc_ValueError, "sample_batch: bad params");

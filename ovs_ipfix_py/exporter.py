@@ -20,7 +20,7 @@ import struct
 import zlib
 from typing import Dict, List, Optional
 
-from ovs_ipfix_py import fastpath, flowcache, message, packet
+from ovs_ipfix_py import fastpath, flowcache, interfaces, message, packet
 from ovs_ipfix_py import templates as t
 from ovs_ipfix_py.collector import MAX_UDP_PAYLOAD, CollectorSet
 from ovs_ipfix_py.flowcache import U64_MAX
@@ -49,11 +49,16 @@ _AGG_LAYOUT = {
 }
 _STATS_RECORD = struct.Struct("!IQQQ")
 _BFD_PORTS = (3784, 3785)
+#: Bounds on the key-part caches (port pairs, tunnel values): a cache
+#: past its bound is emptied and refilled, so garbage port numbers or a
+#: tunnel source port per inner flow cannot grow it without end.
+_PART_CACHE_MAX = 4096
 _BFD_DPORTS = (b"\x0e\xc8", b"\x0e\xc9")
-#: Template id of each layout, by ((l2 * 3 + l3) * 5 + l4) * 2 +
-#: direction, as big-endian u16: the C key builder's table.
+#: Template id of each layout, by tunnelled * 60 + ((l2 * 3 + l3) * 5 +
+#: l4) * 2 + direction, as big-endian u16: the C key builder's table.
 _TEMPLATE_IDS = b"".join(
-    struct.pack("!H", t.template_id(l2, l3, l4, d))
+    struct.pack("!H", t.template_id(l2, l3, l4, d, tun))
+    for tun in (False, True)
     for l2 in (t.L2_ETH, t.L2_VLAN)
     for l3 in (t.L3_NONE, t.L3_IPV4, t.L3_IPV6)
     for l4 in (t.L4_NONE, t.L4_TCP, t.L4_UDP, t.L4_SCTP, t.L4_ICMP)
@@ -66,7 +71,9 @@ class ExporterStats:
     ``flows``: flows created; ``current_flows``: flows cached now;
     ``pkts``: samples taken; ``ipv4_ok``/``ipv6_ok``/``ipv4_errs``/
     ``ipv6_errs``/``errs`` classify them as OVS does; ``tx_pkts``/
-    ``tx_errs``: messages sent/failed, per collector.  Beyond OVS:
+    ``tx_errs``: messages sent/failed, per collector (a TCP, TLS or
+    file target counts a message it queued as sent, and one it loses
+    later as failed).  Beyond OVS:
     ``records`` exported, and the RFC 7011 section 4.3 not-sent totals.
     """
 
@@ -104,7 +111,7 @@ class Exporter:
             raise TypeError("not exporter options: %r" % (options,))
         self.exporting_process_id = zlib.crc32(
             repr(options.key).encode()) & UINT32_MAX
-        self.collectors = CollectorSet(options.export.targets, now)
+        self.collectors = self._collector_set(options.export, now)
         self.writer = message.MessageWriter(
             min(options.export.max_message_size, MAX_UDP_PAYLOAD),
             options.export.template_interval)
@@ -112,6 +119,9 @@ class Exporter:
         self.cache = flowcache.FlowCache(cache_opts.active_timeout,
                                          cache_opts.max_flows)
         self.next_stats = now + options.export.stats_interval
+        #: {OpenFlow port: interfaces.Interface} of the bridge (OVSDB),
+        #: set by set_ports(); unknown ports export what OVS exports.
+        self.ports: interfaces.Ports = {}
         self._derive_params()
 
     # -- configuration ----------------------------------------------------
@@ -119,22 +129,22 @@ class Exporter:
     def _derive_params(self):
         """Values derived from the options, recomputed when they change:
         the bridge sample count, the fast path's key heads, the encoded
-        virtualObsID."""
+        virtualObsID; the key parts built from ports and tunnels."""
         o = self.options
         if self.is_bridge:
             self._count = UINT32_MAX // o.probability
-        self._ports = {}
-        self._heads = {}
+        self._forget_parts()
         # What the C loop needs to know (fastpath.C.sample_batch).
         if self.is_bridge:
             self._c_params = (
                 BridgeSample, FlowSample, True, self._count,
                 o.obs_domain_id, o.obs_point_id & UINT32_MAX,
                 o.enable_input_sampling, o.enable_output_sampling,
-                self._ports_for, _TEMPLATE_IDS)
+                self._iface_part, self._tunnel_part, _TEMPLATE_IDS)
         else:
             self._c_params = (BridgeSample, FlowSample, False, 0, 0, 0,
-                              False, False, self._ports_for, _TEMPLATE_IDS)
+                              False, False, self._iface_part,
+                              self._tunnel_part, _TEMPLATE_IDS)
         # other_config:virtual_obs_id: sent after the key of every record
         # (a variable-length string, RFC 7011 section 7: 1-byte length),
         # in the templates that carry virtualObsID.
@@ -145,6 +155,51 @@ class Exporter:
             raw = vobs.encode("utf-8")[:254]
             self._vobs = bytes((len(raw),)) + raw
             self._vobs_offset = t.VIRTUAL_OBS_OFFSET
+
+    def _forget_parts(self) -> None:
+        self._heads = {}
+        # (input port, output port or None, direction) -> interface part.
+        self._ifaces: Dict = {}
+        # (port, upcall.Tunnel) -> tunnel part (b"": not tunnelled).
+        self._tunnels: Dict = {}
+
+    def set_ports(self, ports: interfaces.Ports) -> None:
+        """The bridge's ports as OVSDB has them now.  Ports that come, go
+        or are renumbered change the key parts of the samples that follow;
+        cached flows stay (a port change is no option change)."""
+        if ports != self.ports:
+            self.ports = dict(ports)
+            self._forget_parts()
+
+    def _iface_part(self, in_port: int, out_port: Optional[int],
+                    direction: int) -> bytes:
+        """interfaces.iface_part, built once per port pair."""
+        k = (in_port, out_port, direction)
+        part = self._ifaces.get(k)
+        if part is None:
+            if len(self._ifaces) >= _PART_CACHE_MAX:
+                self._ifaces.clear()
+            part = self._ifaces[k] = interfaces.iface_part(
+                self.ports, in_port, out_port, direction == t.EGRESS)
+        return part
+
+    def _tunnel_part(self, in_port: int, out_port: Optional[int],
+                     tunnel) -> bytes:
+        """interfaces.tunnel_part for a sample's tunnel metadata, built
+        once per (port, Tunnel).  As OVS: the input port's tunnel for a
+        sample without output port, else the output port's; nothing with
+        other_config:enable-tunnel-sampling=false."""
+        if tunnel is None or not self.options.export.enable_tunnel_sampling:
+            return b""
+        port = in_port if out_port is None else out_port
+        k = (port, tunnel)
+        part = self._tunnels.get(k)
+        if part is None:
+            if len(self._tunnels) >= _PART_CACHE_MAX:
+                self._tunnels.clear()
+            part = self._tunnels[k] = interfaces.tunnel_part(
+                self.ports.get(port), tunnel)
+        return part
 
     @property
     def name(self) -> str:
@@ -167,7 +222,7 @@ class Exporter:
             # the exporting process statistics, as on close().
             self._send_stats(now)
             self.collectors.close()
-            self.collectors = CollectorSet(new.targets, now)
+            self.collectors = self._collector_set(new, now)
             self.writer = message.MessageWriter(
                 min(new.max_message_size, MAX_UDP_PAYLOAD),
                 new.template_interval)
@@ -176,11 +231,37 @@ class Exporter:
                                        MAX_UDP_PAYLOAD)
             self.writer.template_interval = new.template_interval
             self.writer.forget_templates()
+            self.collectors.set_buffer_size(new.collector_buffer_size)
         self.cache.active_timeout = new.cache.active_timeout
         self.cache.max_flows = new.cache.max_flows
         if new.stats_interval != old.stats_interval:
             self.next_stats = now + new.stats_interval
         self._derive_params()
+
+    # -- transports (issue 13) -----------------------------------------
+
+    def _collector_set(self, export, now: float) -> CollectorSet:
+        return CollectorSet(export.targets, now,
+                            export.collector_buffer_size, self._lost)
+
+    def _lost(self, msg: message.Message) -> None:
+        """A message a stream accepted and lost later (its buffer
+        overflowed, its connection broke in the middle of it, or it was
+        still queued at close): a transmit error, its records not sent
+        (RFC 7011 section 4.3)."""
+        st = self.stats
+        st.tx_errs += 1
+        st.not_sent_flows += msg.flows
+        st.not_sent_packets += msg.packets
+        st.not_sent_octets += msg.octets
+
+    def wait(self, poller) -> None:
+        """The transports' sockets (connecting, writing, EOF)."""
+        self.collectors.wait(poller)
+
+    def reopen(self) -> None:
+        """File targets start a new file (log rotation)."""
+        self.collectors.reopen()
 
     def close(self, now: float) -> None:
         """Flush as forced end, send final statistics, close sockets."""
@@ -192,13 +273,15 @@ class Exporter:
 
     def sample_bridge(self, frame: bytes, orig_len: int, input_port: int,
                       output_port: Optional[int], now: float,
-                      probability: Optional[int] = None) -> None:
+                      probability: Optional[int] = None,
+                      tunnel=None) -> None:
         """One bridge sample; counts UINT32_MAX // probability packets.
 
         ``probability``: the sample's own (32-bit, as the channel carries
         it); None takes the configured sampling rate's.  ``output_port``
-        None means an ingress sample.  BFD packets (UDP to port
-        3784/3785) are skipped, as OVS skips them.
+        None means an ingress sample.  ``tunnel``: its upcall.Tunnel, or
+        None.  BFD packets (UDP to port 3784/3785) are skipped, as OVS
+        skips them.
         """
         o = self.options
         if output_port is None:
@@ -206,7 +289,6 @@ class Exporter:
                 self.stats.dropped_samples += 1
                 return
             direction = t.INGRESS
-            output_port = 0
         else:
             if not o.enable_output_sampling:
                 self.stats.dropped_samples += 1
@@ -218,12 +300,12 @@ class Exporter:
             count = self._count
         self._sample(frame, orig_len, count, o.obs_domain_id,
                      o.obs_point_id, direction, input_port, output_port,
-                     now, True)
+                     now, True, tunnel)
 
     def sample_flow(self, frame: bytes, orig_len: int, input_port: int,
                     output_port: Optional[int], probability: int,
                     obs_domain_id: int, obs_point_id: int, direction: int,
-                    now: float) -> None:
+                    now: float, tunnel=None) -> None:
         """One flow sample (OpenFlow ``sample`` action).
 
         Counts 65535 // ``probability`` packets.  ``direction`` as OVS's
@@ -242,7 +324,7 @@ class Exporter:
             d = t.INGRESS if output_port is None else t.EGRESS
         self._sample(frame, orig_len, UINT16_MAX // probability,
                      obs_domain_id, obs_point_id, d, input_port,
-                     output_port or 0, now, False)
+                     output_port, now, False, tunnel)
 
     def sample_batch(self, samples, now: float) -> None:
         """Many samples at once: the hot path.
@@ -254,8 +336,8 @@ class Exporter:
         sampled it at a rate the IPFIX row no longer says).  With the C
         extension built (``fastpath.C``) the key of every frame kind is
         built in C and the cache updated there (same results:
-        ``tests/test_fastpath.py``); a sample it leaves (tunnel metadata,
-        a value out of range) goes through the methods below.  Without
+        ``tests/test_fastpath.py``), tunnel parts included; a sample it
+        leaves (a value out of range) goes through the methods below.  Without
         it, plain IPv4 bridge samples take the Python twin of that loop
         (``_sample_batch_py``: it doubles the pure-Python speed, see
         tools/BENCHMARKS.md) and everything else goes through those
@@ -379,7 +461,7 @@ class Exporter:
             if not o.enable_output_sampling:
                 return None
             direction = t.EGRESS
-        ports = self._ports_for(in_port, out_port or 0, direction)
+        iface = self._iface_part(in_port, out_port, direction)
         out = {}
         # (IP protocol, layout, end of the key's L4 slice, IP packet
         # bytes needed: 20 of IP header + the whole L4 header).
@@ -390,7 +472,7 @@ class Exporter:
             tid = t.template_id(t.L2_ETH, t.L3_IPV4, l4, direction)
             head = KEY_PREFIX.pack(domain, tid) + struct.pack(
                 "!IB", point & UINT32_MAX, direction)
-            mid = b"\x08\x00\x0e" + ports + b"\x04"
+            mid = b"\x08\x00\x0e" + iface + b"\x04"
             out[proto] = (head, mid, end, proto == 6, need)
         return out
 
@@ -398,27 +480,16 @@ class Exporter:
         if type(s) is FlowSample:
             self.sample_flow(s.frame, s.orig_len, s.input_port,
                              s.output_port, s.probability, s.obs_domain_id,
-                             s.obs_point_id, s.direction, now)
+                             s.obs_point_id, s.direction, now, s.tunnel)
         else:
             self.sample_bridge(s.frame, s.orig_len, s.input_port,
-                               s.output_port, now, s.probability)
-
-    def _ports_for(self, in_port, out_port, direction) -> bytes:
-        """The key's interface part for a port pair and direction
-        (packet.ports_part), built once per pair and options; the C
-        loop calls it when the pair changes."""
-        pk = (in_port, out_port, direction)
-        try:
-            return self._ports[pk]
-        except KeyError:
-            b = self._ports[pk] = packet.ports_part(in_port, out_port or 0,
-                                                    direction)
-            return b
+                               s.output_port, now, s.probability, s.tunnel)
 
     def _sample(self, frame, orig_len, count, domain, point, direction,
-                in_port, out_port, now, skip_bfd):
-        fk = packet.parse(frame, point, direction, in_port, out_port,
-                          self._ports_for(in_port, out_port, direction))
+                in_port, out_port, now, skip_bfd, tunnel=None):
+        fk = packet.parse(frame, point, direction,
+                          self._iface_part(in_port, out_port, direction),
+                          self._tunnel_part(in_port, out_port, tunnel))
         if skip_bfd and fk.udp_dst_port in _BFD_PORTS:
             return
         st = self.stats
@@ -454,6 +525,7 @@ class Exporter:
             # A collector joined: every template goes out again, before
             # the next data, so it never sees data it cannot decode.
             self.writer.forget_templates()
+        self.collectors.run(now)
         self.cache.expire(now)
         self._export_expired(now)
         for domain in self.writer.refresh_due(now):
@@ -481,26 +553,28 @@ class Exporter:
             return
         et_us = message.export_time(now) * 1000000
         # Flows grouped by their key's first 6 bytes (domain, template
-        # id), in expiry order within each group.
-        groups: Dict[bytes, List] = {}
+        # id) and its length, in expiry order within each group: the
+        # variable-length fields (interface names, tunnel key) make
+        # records of one template differ in length, and a RecordBlock
+        # holds records of one length.
+        groups: Dict = {}
         for f in flows:
-            prefix = f.key[:6]
-            g = groups.get(prefix)
+            gk = (f.key[:6], len(f.key))
+            g = groups.get(gk)
             if g is None:
-                g = groups[prefix] = []
+                g = groups[gk] = []
             g.append(f)
         vobs, vobs_offset = self._vobs, self._vobs_offset
         pack = fastpath.C.pack_records if fastpath.C else pack_records
         by_domain: Dict[int, List] = {}
-        for prefix, group in groups.items():
+        for (prefix, _), group in groups.items():
             domain, tid = KEY_PREFIX.unpack(prefix)
             tid += vobs_offset
             template = t.get(tid)
             data, packets, octets = pack(group, et_us, vobs,
                                          bool(template.l3),
                                          template.l4 == t.L4_TCP)
-            # (Every record of a template has the same length, the
-            # virtualObsID string included.)
+            # (Every record of a group has the same length.)
             by_domain.setdefault(domain, []).append(
                 (tid, template.record, message.RecordBlock(
                     data, len(data) // len(group), packets, octets)))
@@ -562,11 +636,11 @@ class Exporter:
                      % (" " * len(head), len(self.cache),
                         o.export.cache.active_timeout,
                         o.export.cache.max_flows))
-        lines.append("%scollectors: %s" % (
-            " " * len(head),
-            ", ".join("%s (tx %d, errs %d)" % (c.spec, c.tx_packets,
-                                                c.tx_errors)
-                      for c in self.collectors.collectors) or "none"))
+        described = self.collectors.describe()
+        if not described:
+            lines.append("%scollectors: none" % (" " * len(head)))
+        for line in described:
+            lines.append("%scollector %s" % (" " * len(head), line))
         for spec, why in self.collectors.bad_targets:
             lines.append("%sbad target %s: %s" % (" " * len(head), spec,
                                                   why))

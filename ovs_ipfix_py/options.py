@@ -26,6 +26,11 @@ DEFAULT_STATS_INTERVAL = 600
 #: safe; 1400 fits any Ethernet path with room for tunnels.
 DEFAULT_MAX_MESSAGE_SIZE = 1400
 MIN_MAX_MESSAGE_SIZE = 512
+#: other_config:collector-buffer-size (bytes): what a TCP, TLS or file
+#: target holds while its collector is away or slower than a flush
+#: (transport/stream.py says why so much).
+DEFAULT_COLLECTOR_BUFFER_SIZE = 64 << 20
+MAX_COLLECTOR_BUFFER_SIZE = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,8 @@ class ExportOptions:
     ``template_interval`` / ``stats_interval`` in seconds.
     ``max_message_size`` in bytes (never below 512).
     ``virtual_obs_id``: other_config:virtual_obs_id, or None.
+    ``collector_buffer_size``: bytes each TCP/TLS/file target buffers
+    while its collector is away (other_config:collector-buffer-size).
     """
 
     targets: Tuple[str, ...] = ()
@@ -64,6 +71,7 @@ class ExportOptions:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     enable_tunnel_sampling: bool = True
     virtual_obs_id: Optional[str] = None
+    collector_buffer_size: int = DEFAULT_COLLECTOR_BUFFER_SIZE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple, Optional
 
+from ovs_ipfix_py import interfaces
 from ovs_ipfix_py import templates as t
 
 # Sample classification, as OVS's enum ipfix_sampled_packet_type.
@@ -63,9 +64,9 @@ _IPV6_EXT = frozenset((_IPV6_EXT_HOPOPTS, _IPV6_EXT_ROUTING,
                        _IPV6_EXT_FRAGMENT, _IPV6_EXT_DSTOPTS, _IPV6_EXT_AH))
 
 _ZERO4 = bytes(4)
+_UNKNOWN_EGRESS = interfaces.UNKNOWN_IFACE * 2
 _ZERO16 = bytes(16)
 _U32 = struct.Struct("!I")
-_PORTS2 = struct.Struct("!II")
 _HEAD = struct.Struct("!IB")          # observationPointId, flowDirection
 _VLAN = struct.Struct("!HHB")         # vlanId, dot1qVlanId, dot1qPriority
 _IP_COMMON = struct.Struct("!BBBBBB")  # version, TTL, proto, DSCP, prec, TOS
@@ -94,15 +95,17 @@ class FlowKey(NamedTuple):
 
 
 def parse(frame: bytes, obs_point_id: int = 0, direction: int = t.INGRESS,
-          input_port: int = 0, output_port: int = 0,
-          interface: Optional[bytes] = None) -> FlowKey:
+          iface: Optional[bytes] = None, tunnel: bytes = b"") -> FlowKey:
     """Parse ``frame`` into its encoded flow key.  Never raises.
 
-    ``obs_point_id``, ``direction`` (templates.INGRESS or EGRESS),
-    ``input_port`` and ``output_port`` (u32 port numbers; the output
-    port is only encoded for egress) are part of the key.  The key's
-    interface part is ``interface`` when given (the exporter's, built
-    once per port pair), else ``ports_part`` of the ports.
+    ``obs_point_id`` and ``direction`` (templates.INGRESS or EGRESS) are
+    part of the key.  ``iface``: the interface part of the key
+    (interfaces.iface_part: the input port's elements, and for egress
+    the output port's), None for unknown ports.  ``tunnel``: the tunnel
+    part (interfaces.tunnel_part), b"" for an untunnelled sample; a
+    tunnelled one takes the tunnel layout's template and ends its key
+    with these bytes.  Both are opaque here: the caller builds and
+    caches them per port pair and per tunnel.
     """
     n = len(frame)
     if n < 14:
@@ -130,11 +133,12 @@ def parse(frame: bytes, obs_point_id: int = 0, direction: int = t.INGRESS,
         etype = ETH_TYPE_NONE
 
     head = _HEAD.pack(obs_point_id & 0xFFFFFFFF, direction)
-    ports = (ports_part(input_port, output_port, direction)
-             if interface is None else interface)
+    if iface is None:
+        iface = (_UNKNOWN_EGRESS if direction == t.EGRESS
+                 else interfaces.UNKNOWN_IFACE)
     l2part = b"".join((head, f[6:12], f[0:6], bytes((etype >> 8,
                                                      etype & 0xFF, off)),
-                       ports, vlan))
+                       iface, vlan))
 
     if etype == ETH_TYPE_IP:
         l3part, l4, tcp_flags, kind, dport = _ipv4(f, off, n)
@@ -143,20 +147,12 @@ def parse(frame: bytes, obs_point_id: int = 0, direction: int = t.INGRESS,
         l3part, l4, tcp_flags, kind, dport = _ipv6(f, off, n)
         l3 = t.L3_IPV6
     else:
-        return FlowKey(t.template_id(l2, t.L3_NONE, t.L4_NONE, direction),
-                       l2part, off, False, 0, OTHER, -1)
-    return FlowKey(t.template_id(l2, l3, l4, direction), l2part + l3part,
-                   off, True, tcp_flags, kind, dport)
-
-
-def ports_part(input_port: int, output_port: int, direction: int) -> bytes:
-    """The key's interface part: ingressInterface, and egressInterface
-    for egress (u32 port numbers).  The C key builder takes these bytes
-    as they are (``Exporter._ports_for``)."""
-    if direction == t.EGRESS:
-        return _PORTS2.pack(input_port & 0xFFFFFFFF,
-                            output_port & 0xFFFFFFFF)
-    return _U32.pack(input_port & 0xFFFFFFFF)
+        return FlowKey(t.template_id(l2, t.L3_NONE, t.L4_NONE, direction,
+                                     bool(tunnel)),
+                       l2part + tunnel, off, False, 0, OTHER, -1)
+    return FlowKey(t.template_id(l2, l3, l4, direction, bool(tunnel)),
+                   l2part + l3part + tunnel, off, True, tcp_flags, kind,
+                   dport)
 
 
 def _l4(f, off, end, proto, l4, later_fragment):

@@ -100,7 +100,11 @@ def test_live_collectors_read_the_export(ovsdb, family, tmp_path):
                 f"targets=[{targets}]", "sampling=1", "obs_domain_id=9",
                 "obs_point_id=3", "cache_active_timeout=60",
                 "cache_max_flows=10000",
-                "--", "set", "Bridge", "br0", "ipfix=@i")
+                "--", "set", "Bridge", "br0", "ipfix=@i",
+                # OpenFlow port 1 (the replay's) is p1, ifindex 1: the
+                # records carry its ifindex and name (variable length).
+                "--", "add-port", "br0", "p1", "--", "set", "Interface",
+                "p1", "ofport=1", "ifindex=1")
             plugin.wait_counter("bridge br0", "flows", 0)
             plugin.replay(frames, "--bridge=br0")
             plugin.wait_counter("bridge br0", "sampled pkts", len(frames))

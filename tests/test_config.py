@@ -294,6 +294,32 @@ def test_invalid_values_warn_once_and_never_raise(ovsdb, reader_factory):
     assert "'abc' is not a number of bytes" in cfg.recent_warnings[-1]
 
 
+def test_transport_targets_and_buffer_size(ovsdb, reader_factory):
+    """tcp:/tls:/file: targets are read as they are; a bad one warns;
+    other_config:collector-buffer-size is bytes, checked."""
+    cfg = reader_factory(ovsdb.remote)
+    create_ipfix(ovsdb, ipfix_args=[
+        'targets=["tcp:127.0.0.1:4739","tls:[::1]","file:/var/x.ipfix",'
+        '"file:relative"]',
+        "other_config:collector-buffer-size=4096"])
+    value = sync(cfg)[("bridge", "br0")]
+    assert value.export.targets == ("file:/var/x.ipfix", "file:relative",
+                                    "tcp:127.0.0.1:4739", "tls:[::1]")
+    assert value.export.collector_buffer_size == 4096
+    warnings = list(cfg.recent_warnings)
+    assert len(warnings) == 1 and "'file:relative'" in warnings[0] \
+        and "absolute path" in warnings[0], warnings
+    ovsdb.vsctl("set", "IPFIX", ".", "other_config:collector-buffer-size=x")
+    assert sync(cfg)[("bridge", "br0")].export.collector_buffer_size == \
+        64 << 20
+    assert "collector-buffer-size='x' is not a number of bytes" in \
+        cfg.recent_warnings[-1]
+    ovsdb.vsctl("remove", "IPFIX", ".", "other_config",
+                "collector-buffer-size")
+    assert sync(cfg)[("bridge", "br0")].export.collector_buffer_size == \
+        64 << 20
+
+
 def read_with_vlog(remote):
     """Sync a reader in a child process with ovs.vlog initialised
     (Vlog.init() is process-wide); returns (desired keys and
@@ -521,3 +547,63 @@ def test_close_drops_the_connection(ovsdb, reader_factory):
     assert memory()["monitors"] == "0" and "sessions" not in memory()
     cfg.run()                                 # harmless after close
     assert not cfg.connected and not cfg.changed()
+
+
+# -- ports: Bridge.ports -> Port.interfaces -> Interface ----------------------
+
+def test_ports_are_read_and_followed_live(ovsdb, reader_factory):
+    """Interface rows become interfaces.Interface values per bridge and
+    OpenFlow port; a port that comes, is renamed, renumbered or goes
+    changes ports(), never desired() (no flush)."""
+    from ovs_ipfix_py.interfaces import Interface
+    cfg = reader_factory(ovsdb.remote)
+    create_ipfix(ovsdb, ipfix_args=['targets="127.0.0.1:4739"'])
+    ovsdb.vsctl("add-port", "br0", "p1", "--", "set", "Interface", "p1",
+                "ofport=1", "ifindex=7", "status:if_type=6",
+                'status:if_descr="uplink NIC"', "--",
+                "add-port", "br0", "vx0", "--", "set", "Interface", "vx0",
+                "type=vxlan", "ofport=10", "options:remote_ip=flow", "--",
+                "add-port", "br0", "new", "--", "set", "Interface", "new",
+                "ofport=-1")
+    desired = sync(cfg)
+    assert cfg.ports() == {"br0": {
+        1: Interface(1, "p1", 7, 6, "uplink NIC", ""),
+        10: Interface(10, "vx0", 0, 0, "", "vxlan"),
+    }}
+    assert cfg.ports()["br0"][10].tunnel_type == 1
+    ovsdb.vsctl("set", "Interface", "vx0", "ofport=11", "--",
+                "set", "Interface", "new", "ofport=3", "--",
+                "del-port", "br0", "p1")
+    assert sync(cfg) == desired
+    assert cfg.ports() == {"br0": {11: Interface(11, "vx0", type="vxlan"),
+                                   3: Interface(3, "new")}}
+
+
+def test_ports_with_an_older_schema(ovsdb_factory, reader_factory,
+                                    tmp_path):
+    """A schema without Interface.ifindex and status (older OVS): ports
+    are still read, ifindex, type and description 0 and empty."""
+    from ovs_ipfix_py.interfaces import Interface
+    with open("/usr/share/openvswitch/vswitch.ovsschema") as f:
+        schema = json.load(f)
+    schema["version"] = "7.0.0"
+    schema.pop("cksum", None)
+    for column in ("ifindex", "status"):
+        del schema["tables"]["Interface"]["columns"][column]
+    path = tmp_path / "old.ovsschema"
+    path.write_text(json.dumps(schema))
+    server = ovsdb_factory(schema=str(path))
+    cfg = reader_factory(server.remote)
+    transact(server, {
+        "op": "insert", "table": "Interface", "uuid-name": "i",
+        "row": {"name": "p5", "ofport": 5}}, {
+        "op": "insert", "table": "Port", "uuid-name": "p",
+        "row": {"name": "p5", "interfaces": ["named-uuid", "i"]}}, {
+        "op": "insert", "table": "Bridge", "uuid-name": "b",
+        "row": {"name": "br9", "ports": ["named-uuid", "p"]}}, {
+        "op": "mutate", "table": "Open_vSwitch", "where": [],
+        "mutations": [["bridges", "insert", ["set", [["named-uuid",
+                                                      "b"]]]]]})
+    pump(cfg, lambda: cfg.changed() and cfg.ports().get("br9"),
+         what="ports")
+    assert cfg.ports() == {"br9": {5: Interface(5, "p5")}}

@@ -28,7 +28,7 @@ import traffic as tr
 from hypothesis import HealthCheck, given, settings
 from support.inputs import bridge_options, frames, upcalls
 
-from ovs_ipfix_py import fastpath, packet, upcall
+from ovs_ipfix_py import fastpath, interfaces, packet, upcall
 from ovs_ipfix_py.exporter import (
     _TEMPLATE_IDS,
     KEY_PREFIX,
@@ -38,7 +38,7 @@ from ovs_ipfix_py.exporter import (
 from ovs_ipfix_py.flowcache import U64_MAX, ExpiredFlow
 from ovs_ipfix_py.options import UINT32_MAX, CacheOptions
 from ovs_ipfix_py.templates import EGRESS, INGRESS
-from ovs_ipfix_py.upcall import BridgeSample, FlowSample, Tunnel
+from ovs_ipfix_py.upcall import BridgeSample, FlowSample
 
 C = fastpath.C
 
@@ -87,17 +87,32 @@ def feed_one_by_one(exp, batch, now):
         if type(s) is FlowSample:
             exp.sample_flow(s.frame, s.orig_len, s.input_port,
                             s.output_port, s.probability, s.obs_domain_id,
-                            s.obs_point_id, s.direction, now)
+                            s.obs_point_id, s.direction, now, s.tunnel)
         else:
             exp.sample_bridge(s.frame, s.orig_len, s.input_port,
-                              s.output_port, now, s.probability)
+                              s.output_port, now, s.probability, s.tunnel)
 
 
-def run_three(batches, opts, prepare=None):
+#: Ports as OVSDB describes them: the interface part of the key (opaque
+#: bytes from Python) differs in length from port to port: a name past
+#: OVS's 64-byte limit, a description, none; port 2 is a VXLAN port
+#: (samples with tunnel metadata on it are keyed by their tunnel too);
+#: port 4 is unknown.
+PORTS = {
+    1: interfaces.Interface(1, "p" * 70, ifindex=5, if_type=6,
+                            description="uplink " * 30),
+    2: interfaces.Interface(2, "vx", ifindex=6, type="vxlan"),
+    3: interfaces.Interface(3, "", ifindex=0xFFFFFFFF),
+}
+TUNNEL = upcall.Tunnel(b"\x0a\0\0\1", b"\x0a\0\0\2", 9, 4789, 77, 1)
+
+
+def run_three(batches, opts, prepare=None, ports=None):
     """Feed the same batches to three exporters: C batch path, pure
-    Python batch path, general path; return their cache states (and
-    the exception each raised, if any).  ``prepare(exporter)`` may
-    rig an exporter before it runs."""
+    Python batch path, general path, with ``ports`` (default PORTS) as
+    their bridge's; return their cache states (and the exception each
+    raised, if any).  ``prepare(exporter)`` may rig an exporter before
+    it runs."""
     exps = [Exporter(opts, 0.0)]
     with pure_python():
         # Their caches index flows with a dict (the specification), the
@@ -105,6 +120,8 @@ def run_three(batches, opts, prepare=None):
         exps += [Exporter(opts, 0.0) for _ in range(2)]
     assert type(exps[0].cache.index) is C.FlowIndex
     assert type(exps[1].cache.index) is dict
+    for e in exps:
+        e.set_ports(PORTS if ports is None else ports)
     try:
         if prepare:
             for e in exps:
@@ -162,7 +179,8 @@ def any_frames(draw):
 
 
 EXTRA = st.sampled_from([0, 0, 1, 40, UINT32_MAX - 60])    # orig length
-TUNNEL = Tunnel(b"\x0a\0\0\x01", b"\x0a\0\0\x02", 1, 4789, 77, 1)
+TUNNEL_V6 = upcall.Tunnel(bytes(15) + b"\1", bytes(15) + b"\2", 0, 6081,
+                          5, 3)
 
 
 @st.composite
@@ -171,9 +189,9 @@ def samples(draw):
     probability, direction rule), now and then with tunnel metadata."""
     f = draw(any_frames())
     orig = min(len(f) + draw(EXTRA), UINT32_MAX)
-    tunnel = draw(st.sampled_from([None] * 9 + [TUNNEL]))
-    in_port = draw(st.sampled_from([1, 2, UINT32_MAX]))
-    out_port = draw(st.sampled_from([None, None, 3, 0]))
+    tunnel = draw(st.sampled_from([None] * 3 + [TUNNEL, TUNNEL_V6]))
+    in_port = draw(st.sampled_from([1, 2, 4, UINT32_MAX]))
+    out_port = draw(st.sampled_from([None, None, 2, 3, 0]))
     if draw(st.integers(0, 2)):
         return BridgeSample("br0", in_port, out_port,
                             draw(st.sampled_from([0, 1, 2, 400,
@@ -207,22 +225,64 @@ def test_c_equals_python_equals_general(batches, max_flows, timeout, in_s,
     assert c_state == gen_state
 
 
+IFACES = st.sampled_from([
+    interfaces.UNKNOWN_IFACE, interfaces.UNKNOWN_IFACE * 2,
+    interfaces.iface_part(PORTS, 1, 3, True),
+    interfaces.iface_part(PORTS, 1, None, False)])
+TUNNEL_PARTS = st.sampled_from([
+    b"", interfaces.tunnel_part(PORTS[2], TUNNEL),
+    interfaces.tunnel_part(PORTS[2], TUNNEL_V6)])
+
+
 @needs_c
 @settings(max_examples=1500, deadline=None)
 @given(any_frames(), st.integers(0, UINT32_MAX), st.integers(0, UINT32_MAX),
-       st.sampled_from([INGRESS, EGRESS]),
-       st.sampled_from([(1, 0), (0xFFFFFFFF, 3), (7, 0xFFFFFFFF)]))
-def test_c_key_equals_packet_parse(frame, domain, point, direction, ports):
+       st.sampled_from([INGRESS, EGRESS]), IFACES, TUNNEL_PARTS)
+def test_c_key_equals_packet_parse(frame, domain, point, direction, iface,
+                                   tunnel):
     """The C key builder alone, on every frame kind and damaged frames:
-    the key bytes (template id included), Ethernet header length, IP or
-    not, TCP flags, classification and UDP port are packet.parse's."""
-    fk = packet.parse(frame, point, direction, *ports)
-    part = packet.ports_part(ports[0], ports[1], direction)
-    assert C.parse_key(frame, domain, point, direction, part,
+    the key bytes (template id, interface and tunnel parts included),
+    Ethernet header length, IP or not, TCP flags, classification and UDP
+    port are packet.parse's."""
+    fk = packet.parse(frame, point, direction, iface, tunnel)
+    assert C.parse_key(frame, domain, point, direction, iface, tunnel,
                        _TEMPLATE_IDS) == (
         KEY_PREFIX.pack(domain, fk.template_id) + fk.key,
         fk.eth_header_len, fk.is_ip, fk.tcp_flags, fk.kind,
         fk.udp_dst_port)
+
+
+@needs_c
+def test_c_keys_carry_the_interface_and_tunnel_parts():
+    """The interface part Python built once per port pair (names and
+    descriptions, OVS's limits applied) and the tunnel part of a sample
+    on a tunnel port are in the keys the C loop builds, without a
+    sample going back to Python; the three paths agree."""
+    f = tr.ethernet(tr.ipv4(tr.udp(1, 2), proto=17))
+    batch = [BridgeSample("br0", 1, None, 1, f, 60),
+             BridgeSample("br0", 2, None, 1, f, 60, TUNNEL),
+             BridgeSample("br0", 2, None, 1, f, 60),
+             BridgeSample("br0", 1, 2, 1, f, 60),
+             FlowSample("br0", 5, 1, 2, 65535, 0, 2, None, f, 60, TUNNEL)]
+    exp = Exporter(bridge_options(), 0.0)
+    exp.set_ports(PORTS)
+    try:
+        def refuse(s, now):
+            raise AssertionError("general path for %r" % (s,))
+        exp._sample_one = refuse
+        exp.sample_batch(batch, 1.0)
+        keys = list(exp.cache.index)
+        name = b"p" * interfaces.MAX_NAME_LEN
+        assert any(bytes((len(name),)) + name in k for k in keys)
+        assert any(b"uplink" in k for k in keys)
+        tun = interfaces.tunnel_part(PORTS[2], TUNNEL)
+        assert tun and sum(k.endswith(tun) for k in keys) == 2
+    finally:
+        exp.close(2.0)
+    c_state, py_state, gen_state = run_three([(1.0, batch)],
+                                             bridge_options())
+    assert c_state == py_state == gen_state
+    assert len(c_state[0]) == 5
 
 
 @needs_c
@@ -288,19 +348,20 @@ def _mixed_batch(n=60):
 
 
 @needs_c
-def test_exception_from_ports_for_leaves_both_paths_alike():
-    """ports_for raising in the middle of a C batch: the C loop leaves
-    the sample to the general path, which raises; cache and counters
-    hold every sample before it, as on the pure-Python path."""
+def test_exception_from_iface_part_leaves_both_paths_alike():
+    """Exporter._iface_part raising in the middle of a C batch: the C
+    loop leaves the sample to the general path, which raises; cache and
+    counters hold every sample before it, as on the pure-Python
+    paths."""
     def prepare(exp):
-        real = exp._ports_for
+        real = exp._iface_part
 
-        def ports_for(in_port, out_port, direction):
+        def iface_part(in_port, out_port, direction):
             if in_port == 3:
                 raise RuntimeError("no such port")
             return real(in_port, out_port, direction)
-        exp._ports_for = ports_for
-        exp._c_params = exp._c_params[:8] + (ports_for,) + \
+        exp._iface_part = iface_part
+        exp._c_params = exp._c_params[:8] + (iface_part,) + \
             exp._c_params[9:]
     states = run_three([(1.0, _mixed_batch())], bridge_options(),
                        prepare)
@@ -317,6 +378,7 @@ def test_exception_from_insert_leaves_both_paths_alike(max_flows):
     and counters as the general path."""
     batch = _mixed_batch()
     probe = Exporter(bridge_options(), 0.0)
+    probe.set_ports(PORTS)
     try:
         probe.sample_batch(batch, 1.0)
         victim = list(probe.cache.order)[4]
@@ -349,7 +411,7 @@ def test_bad_arguments_raise_not_crash():
         with pytest.raises(TypeError):
             C.sample_batch([], 0, 1.0, p[:5], exp.cache, exp.stats)
         with pytest.raises(ValueError):
-            C.sample_batch([], 0, 1.0, p[:9] + (b"short",), exp.cache,
+            C.sample_batch([], 0, 1.0, p[:10] + (b"short",), exp.cache,
                            exp.stats)
         with pytest.raises(TypeError):
             C.sample_batch(5, 0, 1.0, p, exp.cache, exp.stats)

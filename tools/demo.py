@@ -2,7 +2,9 @@
 
 1. a private ovsdb-server in a temporary directory (Debian's schema);
 2. bridge br0 and an IPFIX row configured with ovs-vsctl (sampling 1, so
-   counts are exact; a 60 s active timeout keeps flows cached);
+   counts are exact; a 60 s active timeout keeps flows cached), with two
+   targets: a local UDP collector and an IPFIX file (RFC 5655,
+   ``file:/...``);
 3. ovs-ipfix-exporter started on that database with its own channel;
 4. a generated traffic mix written to a pcap and replayed with
    ovs-ipfix-replay;
@@ -10,7 +12,10 @@
 6. ``ovs-vsctl set IPFIX ... cache_active_timeout=120``: the exporter
    flushes its cache as forced end; the local collector's records are
    printed as a table and checked against the generated truth;
-7. everything stopped and removed.
+7. the IPFIX file read back by an independent reader (CERT's
+   ``ipfixDump --stats`` and ``--data``) and by our parser: the same
+   flows, no warning;
+8. everything stopped and removed.
 
 Exit status 0 when every flow arrived with the right counts.
 """
@@ -29,7 +34,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from ovs_ipfix_py.pcap import write_pcap  # noqa: E402
 from tests.support.collector import UdpCollector  # noqa: E402
-from tests.support.decoders import parse_collector  # noqa: E402
+from tests.support.decoders import (  # noqa: E402
+    ipfixdump_check,
+    ipfixdump_stats,
+    parse_collector,
+    parse_messages,
+)
 from tests.support.ovsdb import OvsdbServer  # noqa: E402
 from tests.traffic import flow_id_of, is_bfd, traffic_mix, truth_of  # noqa
 
@@ -96,11 +106,13 @@ def main():
         step("private ovsdb-server in %s" % workdir)
         server = OvsdbServer(workdir).start()
         collector = UdpCollector()
+        ipfix_file = os.path.join(workdir, "flows.ipfix")
         step("configure bridge br0 and IPFIX with ovs-vsctl")
         cmd = ["add-br", "br0", "--", "set", "bridge", "br0",
                "datapath_type=dummy", "--",
                "--id=@i", "create", "IPFIX",
-               'targets="%s"' % collector.target, "sampling=1",
+               'targets=["%s","file:%s"]' % (collector.target, ipfix_file),
+               "sampling=1",
                "obs_domain_id=1", "obs_point_id=2",
                "cache_active_timeout=60", "cache_max_flows=10000", "--",
                "set", "Bridge", "br0", "ipfix=@i"]
@@ -156,6 +168,28 @@ def main():
                  session.problems or "none"))
         ok = (len(records) == len(truth) and total_pkts == want_pkts
               and set(got) == {4} and not session.problems)
+
+        step("read the IPFIX file back (ipfixDump, then our parser)")
+        print("$ ipfixDump --in %s --stats" % ipfix_file)
+        stats = ipfixdump_stats(ipfix_file)
+        print(stats["stdout"].strip())
+        with open(ipfix_file, "rb") as f:
+            in_file = parse_messages(f.read())
+        file_records = sorted(
+            (r.normalized() for m in in_file for r in m.data_records),
+            key=repr)
+        same = file_records == sorted(records, key=repr)
+        # ipfixDump --stats and --data: no warning, every message read.
+        dump_ok, dump_output = ipfixdump_check(ipfix_file)
+        file_ok = (same and dump_ok and stats["data_records"] == sum(
+            len(m.records) for m in in_file))
+        print("file: %d flows, %s the UDP collector's; ipfixDump: %d "
+              "messages, %d data records, %s"
+              % (len(file_records), "the same as" if same else
+                 "NOT the same as", stats["messages"],
+                 stats["data_records"],
+                 "no error" if file_ok else "ERRORS: " + dump_output[:2000]))
+        ok = ok and file_ok
         sys.stdout.write(run(["ovs-appctl", "-t", ctl, "ipfix/show"]))
         run(["ovs-appctl", "-t", ctl, "exit"])
         daemon.wait(timeout=10)

@@ -79,6 +79,7 @@ FIELDS = {
     61: ("flow_direction", "uint"),
     80: ("dst_mac", "mac"),
     82: ("if_name", "string"),
+    83: ("if_descr", "string"),
     136: ("end_reason", "uint"),
     138: ("obs_point_id", "uint"),
     144: ("exporting_process_id", "uint"),
@@ -106,6 +107,23 @@ FIELDS = {
     309: ("sampling_size", "uint"),
     310: ("sampling_population", "uint"),
     352: ("l2_octets", "uint"),
+    368: ("ingress_if_type", "uint"),
+    369: ("egress_if_type", "uint"),
+}
+
+#: Enterprise elements by (PEN, id): VMware's (PEN 6876) as OVS sends
+#: them (ofproto/ipfix-enterprise-entities.def).  tunnel_key is hex, so
+#: its length (3 bytes for VXLAN/Geneve VNIs, 4 for GRE keys) shows.
+PEN_VMWARE = 6876
+ENTERPRISE_FIELDS = {
+    (PEN_VMWARE, 891): ("tunnel_type", "uint"),
+    (PEN_VMWARE, 892): ("tunnel_key", "hex"),
+    (PEN_VMWARE, 893): ("tunnel_src", "ip"),
+    (PEN_VMWARE, 894): ("tunnel_dst", "ip"),
+    (PEN_VMWARE, 895): ("tunnel_proto", "uint"),
+    (PEN_VMWARE, 896): ("tunnel_src_port", "uint"),
+    (PEN_VMWARE, 897): ("tunnel_dst_port", "uint"),
+    (PEN_VMWARE, 898): ("virtual_obs_id", "string"),
 }
 
 # ---------------------------------------------------------------------
@@ -178,9 +196,14 @@ class DataRecord:
         out = {"template_id": self.template_id,
                "obs_domain_id": self.domain}
         for spec, data in self.fields:
-            if spec.pen or spec.ie not in FIELDS:
+            named = (ENTERPRISE_FIELDS.get(spec.key) if spec.pen
+                     else FIELDS.get(spec.ie))
+            if named is None:
                 continue
-            key, kind = FIELDS[spec.ie]
+            key, kind = named
+            if key in ("if_name", "if_descr") and key in out:
+                # OVS's egress layouts name the output port second.
+                key = "egress_" + key
             if key in out:
                 continue
             out[key] = _decode_value(kind, data)
@@ -192,6 +215,8 @@ class DataRecord:
 
 
 def _decode_value(kind, data):
+    if kind == "hex":
+        return data.hex()
     if kind == "uint":
         return int.from_bytes(data, "big")
     if kind == "mac":
@@ -537,6 +562,9 @@ TSHARK_FIELDS = {
     "cflow.inputint": "ingress_if",
     "cflow.outputint": "egress_if",
     "cflow.if_name": "if_name",
+    "cflow.if_descr": "if_descr",
+    "cflow.ingress_interface_type": "ingress_if_type",
+    "cflow.egress_interface_type": "egress_if_type",
     "cflow.flow_exporter": "exporting_process_id",
     "cflow.notsent_flows": "not_sent_flows",
     "cflow.notsent_packets": "not_sent_packets",
@@ -545,7 +573,8 @@ TSHARK_FIELDS = {
     "cflow.selector_algorithm": "selector_algorithm",
     "cflow.sampling_probability": "sampling_probability",
 }
-_TSHARK_TEXT = {"src_mac", "dst_mac", "src_ip", "dst_ip", "if_name"}
+_TSHARK_TEXT = {"src_mac", "dst_mac", "src_ip", "dst_ip", "if_name",
+                "if_descr"}
 _TSHARK_FLOAT = {"sampling_probability"}
 #: Expert info at or above this severity is a warning (PI_WARN).
 _PI_WARN = 0x00600000
@@ -588,8 +617,26 @@ def _tshark_time(text):
     return parsed.timestamp() + float("0." + (frac or "0"))
 
 
-def _normalize_tshark(flow, domain, template_id):
+def _normalize_tshark(flow, domain, template_id, enterprise=()):
+    """One tshark "Flow N" node as a normalized record.  ``enterprise``:
+    the (PEN, id) of the template's enterprise fields, in order: tshark
+    names no VMware element, it shows their values as
+    ``cflow.enterprise_private_entry`` ("0a:00:00:01"), one per
+    enterprise field in template order, and its template tree shows
+    "893 [pen: VMware Inc.]"; we pair the two."""
     out = {"template_id": template_id, "obs_domain_id": domain}
+    values = flow.get("cflow.enterprise_private_entry", [])
+    if not isinstance(values, list):
+        values = [values]
+    for spec, text in zip(enterprise, values):
+        named = ENTERPRISE_FIELDS.get(spec)
+        if named is not None:
+            data = bytes.fromhex(text.replace(":", ""))
+            out[named[0]] = _decode_value(named[1], data)
+    for key in ("cflow.if_name", "cflow.if_descr"):
+        # The second interfaceName/Description: the egress port's.
+        if isinstance(flow.get(key), list) and len(flow[key]) > 1:
+            out["egress_" + key[6:]] = flow[key][1]
     for field, key in TSHARK_FIELDS.items():
         if field not in flow:
             continue
@@ -643,14 +690,14 @@ def _expert_messages(node, found):
             _expert_messages(value, found)
 
 
-def _run_tshark(pcap_path, port):
+def _run_tshark(pcap_path, port, transport="udp"):
     tshark = require("tshark", "tshark")
     # The cflow dissector drops templates of over 60 fields by default:
     # 0 lifts the limit.
     argv = [tshark, "-n", "-r", pcap_path,
-            "-d", f"udp.port=={port},cflow",
+            "-d", f"{transport}.port=={port},cflow",
             "-o", "cflow.max_template_fields:0",
-            "-J", "frame udp cflow _ws.malformed _ws.expert",
+            "-J", f"frame {transport} cflow _ws.malformed _ws.expert",
             "-T", "json", "--no-duplicate-keys"]
     result = subprocess.run(argv, capture_output=True, text=True,
                             stdin=subprocess.DEVNULL, timeout=300)
@@ -660,11 +707,13 @@ def _run_tshark(pcap_path, port):
     return json.loads(result.stdout) if result.stdout.strip() else []
 
 
-def tshark_decode(pcap_path, port):
-    """Decode ``pcap_path`` with tshark, IPFIX on UDP ``port``."""
+def tshark_decode(pcap_path, port, transport="udp"):
+    """Decode ``pcap_path`` with tshark, IPFIX on UDP ``port`` (or, with
+    ``transport="tcp"``, on TCP: messages reassembled from the stream,
+    several per frame, a frame with none is no problem)."""
     records, options, messages, warnings = [], [], [], []
     kinds = {}  # (domain, template id) -> (options?, min record length)
-    for packet in _run_tshark(pcap_path, port):
+    for packet in _run_tshark(pcap_path, port, transport):
         layers = packet["_source"]["layers"]
         frame = int(_first(layers["frame"]["frame.number"]))
         found = []
@@ -672,13 +721,16 @@ def tshark_decode(pcap_path, port):
         warnings.extend(f"frame {frame}: {text}" for text in found)
         cflows = layers.get("cflow")
         if cflows is None:
-            warnings.append(f"frame {frame}: not decoded as IPFIX")
+            if transport == "udp":
+                warnings.append(f"frame {frame}: not decoded as IPFIX")
             continue
-        udp_payload = int(_first(layers["udp"]["udp.length"])) - 8
+        udp_payload = int(_first(layers["udp"]["udp.length"])) - 8 \
+            if transport == "udp" else None
         for cflow in cflows if isinstance(cflows, list) else [cflows]:
             domain = int(_first(cflow.get("cflow.od_id", "0")))
             length = int(_first(cflow.get("cflow.len", "0")))
-            if not isinstance(cflows, list) and length != udp_payload:
+            if udp_payload is not None and not isinstance(cflows, list) \
+                    and length != udp_payload:
                 warnings.append(f"frame {frame}: message length {length}"
                                 f" != UDP payload {udp_payload}")
             count = 0
@@ -712,19 +764,28 @@ def _tshark_set(node, domain, kinds, records, options, warnings, frame):
                 continue
             tid = int(_first(tmpl["cflow.template_id"]))
             minimum = 0
+            enterprise = []
             for field in tmpl.values():
                 if isinstance(field, dict) and \
                         "cflow.template_field_length" in field:
                     length = int(_first(field["cflow.template_field_length"]))
                     minimum += 1 if length == VARIABLE_LENGTH else length
+                    if "cflow.template_ipfix_field_pen" in field:
+                        enterprise.append((
+                            int(_first(field[
+                                "cflow.template_ipfix_field_pen"])),
+                            int(_first(field[
+                                "cflow.template_ipfix_field_type_"
+                                "enterprise"]))))
             kinds[(domain, tid)] = (set_id == OPTIONS_TEMPLATE_SET_ID,
-                                    minimum)
+                                    minimum, tuple(enterprise))
         return 0
-    is_options, minimum = kinds.get((domain, set_id), (False, 0))
+    is_options, minimum, enterprise = kinds.get((domain, set_id),
+                                                (False, 0, ()))
     count = 0
     for name, flow in node.items():
         if name.startswith("Flow ") and isinstance(flow, dict):
-            record = _normalize_tshark(flow, domain, set_id)
+            record = _normalize_tshark(flow, domain, set_id, enterprise)
             (options if is_options else records).append(record)
             count += 1
     padding = _first(node.get("cflow.padding", ""))
@@ -1123,7 +1184,8 @@ def judge_collector(collector, directory):
 
 
 __all__ = [
-    "FIELDS", "FieldSpec", "Template", "DataRecord", "IpfixSet",
+    "FIELDS", "ENTERPRISE_FIELDS", "FieldSpec", "Template", "DataRecord",
+    "IpfixSet",
     "Message", "Session", "parse_messages", "parse_datagrams",
     "parse_collector", "TsharkDecode", "tshark_decode", "tshark_records",
     "NfcapdCollector", "nfdump_records", "NfacctdCollector",

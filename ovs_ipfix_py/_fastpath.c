@@ -958,44 +958,21 @@ put_u64(unsigned char *p, uint64_t v)
     return p + 8;
 }
 
-static inline unsigned char *
-put_u32(unsigned char *p, uint32_t v)
-{
-    p[0] = (unsigned char) (v >> 24);
-    p[1] = (unsigned char) (v >> 16);
-    p[2] = (unsigned char) (v >> 8);
-    p[3] = (unsigned char) v;
-    return p + 4;
-}
-
-/* Python's int(round(x)) for a float: halves to even. */
-static double
-round_half_even(double x)
-{
-    double r = round(x);
-
-    if (fabs(x - r) == 0.5) {
-        r = 2.0 * round(x / 2.0);
-    }
-    return r;
-}
-
-/* *out = et_us - int(round(t * 1e6)), clamped to unsigned32 as
- * exporter._clamp32 does.  -1 (OverflowError) for a time no clock
+/* exporter.time_ms: a time in s as dateTimeMilliseconds, truncated,
+ * clamped to [0, 2^64-1].  -1 (OverflowError) for a time no clock
  * gives. */
 static int
-delta_us(long long et_us, double t, uint32_t *out)
+time_ms(double t, uint64_t *out)
 {
-    double r = round_half_even(t * 1e6);
-    long long v;
+    double ms;
 
-    if (!isfinite(r) || fabs(r) > 4e18) {
+    if (!isfinite(t)) {
         PyErr_SetString(PyExc_OverflowError, "flow time out of range");
         return -1;
     }
-    v = et_us - (long long) r;
-    *out = v < 0 ? 0 : v > (long long) UINT32_MAX ? UINT32_MAX
-                                                  : (uint32_t) v;
+    ms = t * 1000.0;
+    *out = ms <= 0.0 ? 0
+           : ms < 18446744073709551616.0 ? (uint64_t) ms : UINT64_MAX;
     return 0;
 }
 
@@ -1004,7 +981,7 @@ enum { F_KEY, F_START, F_END, F_PACKETS, F_L2, F_OCTETS, F_SUMSQ,
        F_MIN, F_MAX, F_FLAGS, F_REASON, F_COUNT };
 
 PyDoc_STRVAR(pack_records_doc,
-"pack_records(flows, et_us, vobs, ip, tcp) -> (data, packets, octets)\n"
+"pack_records(flows, vobs, ip, tcp) -> (data, packets, octets)\n"
 "\n"
 "exporter.pack_records in C: the data records of expired flows of one\n"
 "template (flowcache.ExpiredFlow, keys of equal length), back to back,\n"
@@ -1016,13 +993,12 @@ pack_records(PyObject *self, PyObject *args)
 {
     PyObject *flows, *seq, *vobs, *data = NULL, *packets = NULL;
     PyObject *octets = NULL, *result = NULL;
-    long long et_us;
     int ip, tcp;
     Py_ssize_t n, key_len = -1, rec_len, vobs_len;
     unsigned char *p;
 
     (void) self;
-    if (!PyArg_ParseTuple(args, "OLO!pp:pack_records", &flows, &et_us,
+    if (!PyArg_ParseTuple(args, "OO!pp:pack_records", &flows,
                           &PyBytes_Type, &vobs, &ip, &tcp)) {
         return NULL;
     }
@@ -1051,7 +1027,7 @@ pack_records(PyObject *self, PyObject *args)
             goto out;
         }
     }
-    rec_len = (key_len < 0 ? 6 : key_len) - 6 + vobs_len + 25
+    rec_len = (key_len < 0 ? 6 : key_len) - 6 + vobs_len + 33
               + (ip ? 32 : 0) + (ip && tcp ? 2 : 0);
     data = PyBytes_FromStringAndSize(NULL, n * rec_len);
     packets = PyList_New(n);
@@ -1064,7 +1040,7 @@ pack_records(PyObject *self, PyObject *args)
         PyObject *f = PySequence_Fast_GET_ITEM(seq, i);
         PyObject *o;
         double start, end;
-        uint32_t sd, ed;
+        uint64_t sd, ed;
         unsigned long long v[F_COUNT];
 
         start = PyFloat_AsDouble(PyTuple_GET_ITEM(f, F_START));
@@ -1072,8 +1048,8 @@ pack_records(PyObject *self, PyObject *args)
         for (int j = F_PACKETS; j < F_COUNT; j++) {
             v[j] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(f, j));
         }
-        if (PyErr_Occurred() || delta_us(et_us, start, &sd) < 0
-            || delta_us(et_us, end, &ed) < 0) {
+        if (PyErr_Occurred() || time_ms(start, &sd) < 0
+            || time_ms(end, &ed) < 0) {
             goto out;
         }
         memcpy(p, PyBytes_AS_STRING(PyTuple_GET_ITEM(f, F_KEY)) + 6,
@@ -1081,10 +1057,10 @@ pack_records(PyObject *self, PyObject *args)
         p += key_len - 6;
         memcpy(p, PyBytes_AS_STRING(vobs), vobs_len);
         p += vobs_len;
-        /* flowStart/EndDeltaMicroseconds, packetDeltaCount,
+        /* flowStart/EndMilliseconds, packetDeltaCount,
          * layer2OctetDeltaCount, flowEndReason (exporter._AGG_LAYOUT) */
-        p = put_u32(p, sd);
-        p = put_u32(p, ed);
+        p = put_u64(p, sd);
+        p = put_u64(p, ed);
         p = put_u64(p, v[F_PACKETS]);
         p = put_u64(p, v[F_L2]);
         *p++ = (unsigned char) v[F_REASON];

@@ -37,14 +37,14 @@ log = RateLimitedLog("exporter")
 #: Cache key prefix: observation domain id, template id.
 KEY_PREFIX = struct.Struct("!IH")
 #: The aggregates after a record's key, one pack per record, by (IP
-#: layout, TCP layout): flowStart/EndDeltaMicroseconds, packetDeltaCount,
+#: layout, TCP layout): flowStart/EndMilliseconds, packetDeltaCount,
 #: layer2OctetDeltaCount, flowEndReason; then for IP octetDeltaCount,
 #: octetDeltaSumOfSquares, minimum/maximumIpTotalLength; then for TCP
 #: tcpControlBits (templates.py lists the same elements).
 _AGG_LAYOUT = {
-    (False, False): struct.Struct("!IIQQB").pack,
-    (True, False): struct.Struct("!IIQQBQQQQ").pack,
-    (True, True): struct.Struct("!IIQQBQQQQH").pack,
+    (False, False): struct.Struct("!QQQQB").pack,
+    (True, False): struct.Struct("!QQQQBQQQQ").pack,
+    (True, True): struct.Struct("!QQQQBQQQQH").pack,
 }
 _STATS_RECORD = struct.Struct("!IQQQ")
 _BFD_PORTS = (3784, 3785)
@@ -439,7 +439,6 @@ class Exporter:
         self.stats.current_flows = len(self.cache)
         if not flows:
             return
-        et_us = message.export_time(now) * 1000000
         # Flows grouped by their key's first 6 bytes (domain, template
         # id), in expiry order within each group.
         groups: Dict[bytes, List] = {}
@@ -456,7 +455,7 @@ class Exporter:
             domain, tid = KEY_PREFIX.unpack(prefix)
             tid += vobs_offset
             template = t.get(tid)
-            data, packets, octets = pack(group, et_us, vobs,
+            data, packets, octets = pack(group, vobs,
                                          bool(template.l3),
                                          template.l4 == t.L4_TCP)
             # (Every record of a template has the same length, the
@@ -533,21 +532,21 @@ class Exporter:
         return "\n".join(lines)
 
 
-def pack_records(flows, et_us: int, vobs: bytes, ip: bool, tcp: bool):
+def pack_records(flows, vobs: bytes, ip: bool, tcp: bool):
     """Data records of expired flows of one template, back to back:
     ``(data, packets, octets)``, the last two per record (octets: IP
     octets for IP layouts, layer-2 octets otherwise) for the not-sent
-    totals.  ``et_us``: the message's export time in microseconds, which
-    the delta timestamps count back from; ``vobs``: the encoded
-    virtualObsID, or b"".  (``fastpath.C.pack_records`` does the same in
-    C; tests/test_fastpath.py checks both.)"""
+    totals.  ``vobs``: the encoded virtualObsID, or b"".  First and
+    last seen go out as flowStart/EndMilliseconds (ms since the epoch,
+    truncated: see ``time_ms``).  (``fastpath.C.pack_records`` does the
+    same in C; tests/test_fastpath.py checks both.)"""
     pack = _AGG_LAYOUT[ip, tcp]
     recs = []
     packets = []
     octets = []
     for f in flows:
-        sd = _clamp32(et_us - int(round(f.start * 1e6)))
-        ed = _clamp32(et_us - int(round(f.end * 1e6)))
+        sd = time_ms(f.start)
+        ed = time_ms(f.end)
         if tcp:
             agg = pack(sd, ed, f.packets, f.l2_octets, f.reason, f.octets,
                        f.sumsq, f.min_len, f.max_len, f.tcp_flags)
@@ -562,8 +561,19 @@ def pack_records(flows, et_us: int, vobs: bytes, ip: bool, tcp: bool):
     return b"".join(recs), packets, octets
 
 
-def _clamp32(value: int) -> int:
-    """Delta timestamps are unsigned32: never negative, never wrapped."""
-    if value < 0:
+def time_ms(t: float) -> int:
+    """A time in s since the epoch as dateTimeMilliseconds (RFC 7011
+    section 6.1.8: unsigned64 ms since 1970): truncated to the ms,
+    never negative, never wrapped.  A time no clock gives (inf, NaN)
+    raises OverflowError."""
+    if t != t or t in (_INF, -_INF):
+        raise OverflowError("flow time out of range")
+    ms = t * 1000.0
+    if ms <= 0.0:
         return 0
-    return value if value <= UINT32_MAX else UINT32_MAX
+    return int(ms) if ms < _U64_LIMIT else U64_MAX
+
+
+_INF = float("inf")
+#: 2^64 as a float: ms at or beyond it hold at 2^64-1.
+_U64_LIMIT = 18446744073709551616.0

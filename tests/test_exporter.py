@@ -192,9 +192,10 @@ def test_records_decode_back_to_the_flows(shared_collector, samples,
                 tmpl.key_fields)])
             values = decode_record(r)
             assert [n for n, _ in tmpl.fields] == list(values)
-            # Sampled and exported at 100.0 s: no time between.
-            assert values.pop("flowStartDeltaMicroseconds") == 0
-            assert values.pop("flowEndDeltaMicroseconds") == 0
+            # Sampled at 100.0 s: 100,000 ms since 1970 (unsigned64).
+            ms = (100_000).to_bytes(8, "big")
+            assert values.pop("flowStartMilliseconds") == ms
+            assert values.pop("flowEndMilliseconds") == ms
             got[r.template_id, key] = {n: values[n]
                                        for n, _ in tmpl.agg_fields
                                        if n in values}

@@ -71,8 +71,8 @@ TEMPLATE_268 = (
     "000c 0004"   # destinationIPv4Address (12)
     "0007 0002"   # sourceTransportPort (7)
     "000b 0002"   # destinationTransportPort (11)
-    "009e 0004"   # flowStartDeltaMicroseconds (158)
-    "009f 0004"   # flowEndDeltaMicroseconds (159)
+    "0098 0008"   # flowStartMilliseconds (152)
+    "0099 0008"   # flowEndMilliseconds (153)
     "0002 0008"   # packetDeltaCount (2)
     "0160 0008"   # layer2OctetDeltaCount (352)
     "0088 0001"   # flowEndReason (136)
@@ -84,15 +84,16 @@ TEMPLATE_268 = (
 )
 
 # Three packets of 54, 154 and 1014 bytes (IP 40, 140, 1000) at T0,
-# T0+0.5, T0+0.75, flushed at T0+0.75 (export time T0+1).
+# T0+0.5, T0+0.75, flushed at T0+0.75 (export time T0+1).  Times in
+# ms since 1970: T0 = 1,700,000,000,000 ms = 0x18bcfe56800.
 RECORD_1 = (
     "00000007" "00"                        # observation point 7, ingress
     "020000000001" "020000000002"          # source, destination MAC
     "0800" "0e" "00000003"                 # IPv4, 14, input port 3
     "04" "40" "06" "2e" "05" "b8"          # v4, TTL 64, TCP, DSCP, prec, TOS
     "0a000001" "0a000002" "3039" "0050"    # addresses, ports
-    "000f4240"                             # start: 1,000,000 us before
-    "0003d090"                             # end: 250,000 us before
+    "0000018bcfe56800"                     # start: T0
+    "0000018bcfe56aee"                     # end: T0 + 750 ms
     "0000000000000003"                     # packets
     "00000000000004c6"                     # l2 octets 54 + 154 + 1014
     "04"                                   # forced end
@@ -103,23 +104,24 @@ RECORD_1 = (
 )
 
 MESSAGE_1 = (
-    "000a 00ed"            # version 10, length 237 = 16 + 116 + 105
+    "000a 00f5"            # version 10, length 245 = 16 + 116 + 113
     "6553f101"             # export time T0 + 1 (now rounded up)
     "00000000"             # no data record before
     "0000002a"             # observation domain 42
     "0002 0074" + TEMPLATE_268 +         # template set, 4 + 112
-    "010c 0069" + RECORD_1               # data set 268, 4 + 101
+    "010c 0071" + RECORD_1               # data set 268, 4 + 109
 )
 
 # One SYN at T0+1, flushed at T0+2.
 MESSAGE_2 = (
-    "000a 0079" "6553f102"
+    "000a 0081" "6553f102"
     "00000001"             # one data record before, in domain 42
     "0000002a"
-    "010c 0069"            # the template is not sent again
+    "010c 0071"            # the template is not sent again
     "00000007" "00" "020000000001" "020000000002" "0800" "0e" "00000003"
     "04" "40" "06" "2e" "05" "b8" "0a000001" "0a000002" "303a" "0050"
-    "000f4240" "000f4240" "0000000000000001" "0000000000000036" "04"
+    "0000018bcfe56be8" "0000018bcfe56be8"  # T0 + 1000 ms
+    "0000000000000001" "0000000000000036" "04"
     "0000000000000028" "0000000000000640"
     "0000000000000028" "0000000000000028" "0002"
 )
@@ -192,17 +194,17 @@ def test_vlan_non_ip_record(collector):
         exp.flush(T0 + 0.5)
         [msg] = receive(collector, 1)
         expected = (
-            "000a 008e" "6553f101" "00000000" "0000002b"
+            "000a 0096" "6553f101" "00000000" "0000002b"
             "0002 0044"
             "011e 000f"                        # template 286, 15 fields
             "008a0004 003d0001 00380006 00500006 01000002 00f00001"
             "000a0004"
             "003a0002 00f30002 00f40001"       # vlanId, dot1qVlanId, prio
-            "009e0004 009f0004 00020008 01600008 00880001"
-            "011e 003a"                        # data set, 4 + 54
+            "00980008 00990008 00020008 01600008 00880001"
+            "011e 0042"                        # data set, 4 + 62
             "00000007" "00" "020000000001" "ffffffffffff" "0806" "12"
             "00000005" "0064" "0064" "06"
-            "0007a120" "0007a120"              # 500,000 us
+            "0000018bcfe569f4" "0000018bcfe569f4"  # T0 + 500 ms
             "0000000000000001" "0000000000000040" "04")
         assert msg.hex() == hx(expected).hex()
     finally:

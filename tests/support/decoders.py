@@ -82,6 +82,8 @@ FIELDS = {
     136: ("end_reason", "uint"),
     138: ("obs_point_id", "uint"),
     144: ("exporting_process_id", "uint"),
+    152: ("start_ms", "uint"),
+    153: ("end_ms", "uint"),
     158: ("start_delta_us", "uint"),
     159: ("end_delta_us", "uint"),
     166: ("not_sent_flows", "uint"),
@@ -188,6 +190,9 @@ class DataRecord:
                            ("end_delta_us", "flow_end")):
             if delta in out:
                 out[key] = self.export_time - out[delta] / 1e6
+        for ms, key in (("start_ms", "flow_start"), ("end_ms", "flow_end")):
+            if ms in out:
+                out[key] = out[ms] / 1e3
         return out
 
 

@@ -19,7 +19,9 @@
  *   not take (anything but plain IPv4 TCP/UDP/SCTP/ICMP, an unsampled
  *   direction, an object of an unexpected type) it stops and says
  *   where: the caller hands that sample to the general path and calls
- *   again, so samples are aggregated in order.
+ *   again, so samples are aggregated in order.  With the cache's
+ *   tcp_end_of_flow on, TCP samples carrying FIN or RST are not taken
+ *   either: marking a flow's end stays in flowcache.py alone.
  * - expired_flows(): FlowCache.flush's ExpiredFlow records.
  * - pack_records(): exporter.pack_records, data records of one template.
  */
@@ -37,6 +39,8 @@
 /* BFD control and echo (RFC 5881, 5883): OVS never samples them. */
 #define BFD_PORT 3784
 #define BFD_ECHO_PORT 3785
+/* FIN | RST (flowcache.TCP_END_FLAGS). */
+#define TCP_END_FLAGS 0x05
 
 /* The fast path's per-protocol key pieces for one port pair, as
  * exporter.Exporter._fast_heads() builds them: (head, mid, end of the
@@ -225,6 +229,7 @@ struct batch_state {
     unsigned long long default_count;
     PyObject *last_p, *last_in, *last_out;
     PyObject *heads;                /* owned: dict or None */
+    int tcp_end;                    /* cache.tcp_end_of_flow */
     unsigned long long count;
     struct proto_head table[4];
 };
@@ -378,6 +383,10 @@ take_sample(struct batch_state *st, PyObject *s, struct taken *t)
     t->ip_len = frame_len - ETH_HEADER_LEN;
     t->tcp_flags = ph->is_tcp
                    ? (uint32_t) (f[46] & 0x0F) << 8 | f[47] : 0;
+    if (st->tcp_end && (t->tcp_flags & TCP_END_FLAGS)) {
+        Py_CLEAR(t->key);
+        return 0;           /* FlowCache.add_many marks its end */
+    }
     return 1;
 }
 
@@ -406,15 +415,19 @@ apply_update(const struct arrays *a, const struct taken *t, double now)
 
 /* A new flow, inserted here as flowcache.FlowCache._insert does when
  * nothing else has to happen: a free slot (the free list's last, else
- * the next unused one) within the arrays, and room under max_flows (no
- * expiry).  Anything else goes to _insert itself.  The cache's fields
- * are read on the first new flow of a call and again after each call
- * to _insert. */
+ * the next unused one) within the arrays, room under max_flows (no
+ * expiry), and with an idle timeout, a first idle deadline in the
+ * wheel's tail bucket (cache._idle_tail, number _idle_tail_b).
+ * Anything else goes to _insert itself.  The cache's fields are read
+ * on the first new flow of a call and again after each call to
+ * _insert. */
 struct inserter {
     int loaded;
     PyObject *free;                 /* owned: cache._free (a list) */
     PyObject *order_append;         /* owned: cache.order.append */
-    Py_ssize_t next_slot, capacity, max_flows;
+    PyObject *idle_tail;            /* owned: a list, or NULL */
+    Py_ssize_t next_slot, capacity, max_flows, idle_timeout;
+    double idle_step, idle_tail_b;
 };
 
 static void
@@ -422,6 +435,7 @@ inserter_clear(struct inserter *ins)
 {
     Py_CLEAR(ins->free);
     Py_CLEAR(ins->order_append);
+    Py_CLEAR(ins->idle_tail);
     ins->loaded = 0;
 }
 
@@ -462,9 +476,38 @@ inserter_load(struct inserter *ins, PyObject *cache)
     ins->next_slot = attr_ssize(cache, "_next_slot");
     ins->capacity = attr_ssize(cache, "_capacity");
     ins->max_flows = attr_ssize(cache, "max_flows");
+    ins->idle_timeout = attr_ssize(cache, "idle_timeout");
     if (!ins->order_append || PyErr_Occurred()) {
         inserter_clear(ins);
         return -1;
+    }
+    if (ins->idle_timeout) {
+        PyObject *tail = PyObject_GetAttrString(cache, "_idle_tail");
+        PyObject *tail_b = tail ? PyObject_GetAttrString(cache,
+                                                         "_idle_tail_b")
+                                : NULL;
+        PyObject *step = tail_b ? PyObject_GetAttrString(cache, "idle_step")
+                                : NULL;
+
+        if (!step) {
+            Py_XDECREF(tail);
+            Py_XDECREF(tail_b);
+            inserter_clear(ins);
+            return -1;
+        }
+        ins->idle_step = PyFloat_AsDouble(step);
+        Py_DECREF(step);
+        if (PyList_Check(tail) && PyLong_Check(tail_b)) {
+            ins->idle_tail_b = PyLong_AsDouble(tail_b);
+            ins->idle_tail = tail;      /* the reference moves */
+        } else {
+            Py_DECREF(tail);            /* no tail: _insert makes one */
+        }
+        Py_DECREF(tail_b);
+        if (PyErr_Occurred()) {
+            inserter_clear(ins);
+            return -1;
+        }
     }
     if (!PyList_Check(ins->free)) {
         inserter_clear(ins);
@@ -489,6 +532,12 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
     }
     if (PyDict_GET_SIZE(index) + 1 > ins->max_flows) {
         return 0;                   /* _insert expires */
+    }
+    if (ins->idle_timeout
+        && (!ins->idle_tail
+            || ceil((now + (double) ins->idle_timeout) / ins->idle_step)
+               != ins->idle_tail_b)) {
+        return 0;                   /* _insert starts a bucket */
     }
     nfree = PyList_GET_SIZE(ins->free);
     from_free = nfree > 0;
@@ -538,6 +587,9 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
         return -1;
     }
     Py_DECREF(r);
+    if (ins->idle_timeout && PyList_Append(ins->idle_tail, t->key) < 0) {
+        return -1;
+    }
     {
         double *times = (double *) a->views[TIMES].buf + slot * 2;
         uint64_t *c = (uint64_t *) a->views[COUNTERS].buf + slot * 4;
@@ -586,7 +638,8 @@ bridge_batch(PyObject *self, PyObject *args)
     struct batch_state st;
     struct arrays arr = {{NULL, NULL, NULL}, {{0}}, 0};
     struct taken g[GROUP];
-    struct inserter ins = {0, NULL, NULL, 0, 0, 0};
+    struct inserter ins = {0, NULL, NULL, NULL, 0, 0, 0, 0, 0.0, 0.0};
+    PyObject *tcp_end = NULL;
     Py_ssize_t i, n, n_fast = 0, n_new = 0;
     int ng = 0, ok = 0;
 
@@ -613,6 +666,10 @@ bridge_batch(PyObject *self, PyObject *args)
     }
     if (!PyDict_Check(index)) {
         PyErr_SetString(PyExc_TypeError, "cache.index must be a dict");
+        goto out;
+    }
+    tcp_end = PyObject_GetAttrString(cache, "tcp_end_of_flow");
+    if (!tcp_end || (st.tcp_end = PyObject_IsTrue(tcp_end)) < 0) {
         goto out;
     }
     if (arrays_acquire(&arr, cache) < 0) {
@@ -725,6 +782,7 @@ out:
     arrays_release(&arr);
     inserter_clear(&ins);
     Py_XDECREF(st.heads);
+    Py_XDECREF(tcp_end);
     Py_XDECREF(insert);
     Py_XDECREF(index);
     Py_DECREF(seq);

@@ -100,8 +100,10 @@ class Exporter:
             min(options.export.max_message_size, MAX_UDP_PAYLOAD),
             options.export.template_interval)
         cache_opts = options.export.cache
-        self.cache = flowcache.FlowCache(cache_opts.active_timeout,
-                                         cache_opts.max_flows)
+        self.cache = flowcache.FlowCache(
+            cache_opts.active_timeout, cache_opts.max_flows,
+            idle_timeout=cache_opts.idle_timeout,
+            tcp_end_of_flow=cache_opts.tcp_end_of_flow)
         self.next_stats = now + options.export.stats_interval
         self._derive_params()
 
@@ -158,6 +160,8 @@ class Exporter:
             self.writer.forget_templates()
         self.cache.active_timeout = new.cache.active_timeout
         self.cache.max_flows = new.cache.max_flows
+        self.cache.set_rules(new.cache.idle_timeout,
+                             new.cache.tcp_end_of_flow)
         if new.stats_interval != old.stats_interval:
             self.next_stats = now + new.stats_interval
         self._derive_params()

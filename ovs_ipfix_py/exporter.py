@@ -16,6 +16,7 @@ monotonic one, so its timeouts fire late).
 
 from __future__ import annotations
 
+import collections
 import struct
 import zlib
 from typing import Dict, List, Optional
@@ -58,13 +59,23 @@ class ExporterStats:
     ``pkts``: samples taken; ``ipv4_ok``/``ipv6_ok``/``ipv4_errs``/
     ``ipv6_errs``/``errs`` classify them as OVS does; ``tx_pkts``/
     ``tx_errs``: messages sent/failed, per collector.  Beyond OVS:
-    ``records`` exported, and the RFC 7011 section 4.3 not-sent totals.
+    ``records`` exported, the RFC 7011 section 4.3 not-sent totals, and
+    flows exported by flowEndReason (``ended_idle``, ``ended_active``,
+    ``ended_eof``, ``ended_forced``, ``ended_lack``).
     """
 
     __slots__ = ("flows", "current_flows", "pkts", "ipv4_ok", "ipv6_ok",
                  "tx_pkts", "errs", "ipv4_errs", "ipv6_errs", "tx_errs",
                  "records", "not_sent_flows", "not_sent_packets",
-                 "not_sent_octets", "dropped_samples")
+                 "not_sent_octets", "dropped_samples", "ended_idle",
+                 "ended_active", "ended_eof", "ended_forced", "ended_lack")
+
+    #: flowEndReason (1..5) -> its counter, and how show() names it.
+    ENDED = {1: ("ended_idle", "idle timeout"),
+             2: ("ended_active", "active timeout"),
+             3: ("ended_eof", "end of flow"),
+             4: ("ended_forced", "forced end"),
+             5: ("ended_lack", "lack of resources")}
 
     def __init__(self):
         for name in self.__slots__:
@@ -81,6 +92,20 @@ class ExporterStats:
                 % (self.flows, self.current_flows, self.pkts, self.ipv4_ok,
                    self.ipv6_ok, self.tx_pkts, indent, self.errs,
                    self.ipv4_errs, self.ipv6_errs, self.tx_errs))
+
+    def format_ended(self) -> str:
+        """Flows exported by end reason, one line."""
+        return "ended: " + ", ".join(
+            "%s=%d" % (label, getattr(self, name))
+            for name, label in self.ENDED.values())
+
+    def count_ended(self, flows) -> None:
+        """Count expired flows by their flowEndReason."""
+        reasons = collections.Counter(f.reason for f in flows)
+        for reason, n in reasons.items():
+            name = self.ENDED.get(reason)
+            if name is not None:
+                setattr(self, name[0], getattr(self, name[0]) + n)
 
 
 class Exporter:
@@ -468,6 +493,7 @@ class Exporter:
                 (tid, template.record, message.RecordBlock(
                     data, len(data) // len(group), packets, octets)))
         self.stats.records += len(flows)
+        self.stats.count_ended(flows)
         for domain, tgroups in by_domain.items():
             for msg in self.writer.data_messages(domain, now, tgroups):
                 self._send(msg)
@@ -521,10 +547,14 @@ class Exporter:
             head = "bridge %s id %d: " % (o.bridge, o.collector_set_id)
         self.stats.current_flows = len(self.cache)
         lines = [head + self.stats.format(" " * len(head))]
-        lines.append("%scache: %d flows, active timeout %ds, max flows %d"
-                     % (" " * len(head), len(self.cache),
-                        o.export.cache.active_timeout,
-                        o.export.cache.max_flows))
+        c = o.export.cache
+        lines.append("%scache: %d flows, active timeout %ds, idle timeout "
+                     "%s, max flows %d, tcp end of flow %s"
+                     % (" " * len(head), len(self.cache), c.active_timeout,
+                        "%ds" % c.idle_timeout if c.idle_timeout else "off",
+                        c.max_flows,
+                        "on" if c.tcp_end_of_flow else "off"))
+        lines.append(" " * len(head) + self.stats.format_ended())
         lines.append("%scollectors: %s" % (
             " " * len(head),
             ", ".join("%s (tx %d, errs %d)" % (c.spec, c.tx_packets,

@@ -62,7 +62,8 @@ def cache_state(exp):
             c.counters[:4 * used].tolist(), c.small[:3 * used].tolist(),
             list(c.expired), sorted(c._free), exp.stats.as_dict(),
             sorted((b, list(k)) for b, k in c._idle_buckets.items()),
-            sorted(c._idle_heap), dict(c._idle_stale), c._idle_tail_b, c._idle_tail is None or any(
+            sorted(c._idle_heap), dict(c._idle_stale), c._idle_tail_b,
+            c._idle_tail is None or any(
                 c._idle_tail is b for b in c._idle_buckets.values()),
             dict(c._order_stale), list(c._ending), dict(c._ending_at)]
 

@@ -523,7 +523,7 @@ def test_conservation_and_reasons(steps, timeout, max_flows, idle, tcp_end,
         assert len(cache) <= max_flows
         if op == "expire" and idle:
             # On time: nothing cached has been idle over a bucket more.
-            for key, slot in cache.index.items():
+            for slot in cache.index.values():
                 assert cache.times[2 * slot + 1] + idle > \
                     now - IDLE_STEP - 1e-9
     cache.flush(now)

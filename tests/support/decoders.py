@@ -846,7 +846,9 @@ class NfcapdCollector(_LiveCollector):
 
     nfcapd does not count options data records in its sequence check,
     so streams carrying them show false "sequence errors".  nfdump
-    1.7.1 misreads flowStart/EndDeltaMicroseconds (first/last).
+    1.7.1 misreads flowStart/EndDeltaMicroseconds (first/last); it
+    reads flowStart/EndMilliseconds, normalized here as flow_start /
+    flow_end (s since the epoch; nfdump runs with TZ=UTC).
     """
 
     PACKAGE = "nfdump"
@@ -887,7 +889,8 @@ class NfcapdCollector(_LiveCollector):
                 # brackets.
                 [nfdump, "-r", os.path.join(self.flowdir, name),
                  "-o", "json"], capture_output=True, text=True,
-                stdin=subprocess.DEVNULL, timeout=120)
+                stdin=subprocess.DEVNULL, timeout=120,
+                env=dict(os.environ, TZ="UTC"))
             if result.returncode != 0:
                 raise RuntimeError(f"nfdump failed: {result.stderr}")
             text = result.stdout.strip()
@@ -911,9 +914,19 @@ _NFDUMP_FIELDS = {
 }
 
 
+def _utc_seconds(text):
+    """"2026-11-30T07:03:50.217" or "2026-11-30 07:03:50.217000", UTC,
+    as s since the epoch."""
+    parsed = datetime.datetime.fromisoformat(text.strip().replace(" ", "T"))
+    return parsed.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
 def _normalize_nfdump(raw):
     out = {new: raw[old] for old, new in _NFDUMP_FIELDS.items()
            if old in raw}
+    for old, new in (("first", "flow_start"), ("last", "flow_end")):
+        if raw.get(old):
+            out[new] = _utc_seconds(raw[old])
     out["raw"] = raw
     return out
 
@@ -1002,10 +1015,17 @@ _NFACCTD_FIELDS = {
 
 
 def _normalize_nfacctd(row):
+    """A CSV row as a normalized dict; with the timestamp_start/end
+    primitives aggregated (and ``timestamps_utc: true``), flow_start and
+    flow_end in s since the epoch."""
     out = {}
     for column, (key, convert) in _NFACCTD_FIELDS.items():
         if row.get(column) not in (None, ""):
             out[key] = convert(row[column])
+    for column, key in (("TIMESTAMP_START", "flow_start"),
+                        ("TIMESTAMP_END", "flow_end")):
+        if row.get(column) not in (None, ""):
+            out[key] = _utc_seconds(row[column])
     out["raw"] = row
     return out
 

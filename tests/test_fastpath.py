@@ -6,8 +6,10 @@ one must leave the cache (keys, slots, every aggregate, the expiry order,
 expired flows) and the statistics exactly as it does, for any mix of
 samples: frames the fast path does not take interleaved with ones it
 does, per-sample probabilities, ports whose direction is not sampled, a
-cache so small that inserting expires, and counters that saturate at
-2^64-1.
+cache so small that inserting expires, counters that saturate at
+2^64-1, and the idle timeout (its timing wheel, which C fills for new
+flows) and TCP end of flow (whose FIN/RST samples C leaves to Python)
+on, with expiry between batches.
 
 Decoding: upcall.decode with and without the C cache-hit loop gives the
 same upcalls, error counts and problem reports, for intact and damaged

@@ -340,7 +340,8 @@ class FlowCache:
         self._free.append(slot)
 
     def _remove_oldest(self, reason: int) -> None:
-        self._clean_order_head()
+        if self._order_stale:
+            self._clean_order_head()
         key = self.order.popleft()
         self._take(key, self.index[key], reason)
         # Its entries elsewhere are stale now.

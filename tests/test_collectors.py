@@ -15,6 +15,7 @@ and ipfixDump.  The traffic mix is replayed as bridge samples
   sequence warning (options records of the final statistics included)
   and gives every flow's counts, and ipfixDump reads the stream written
   as an RFC 5655 file with no error;
+- all three show every flow's first and last seen within the replay;
 
 over IPv4 to 127.0.0.1 and over IPv6 to [::1].  And all three show
 each flow's first and last seen time as the daemon took its samples.
@@ -107,8 +108,10 @@ def test_live_collectors_read_the_export(ovsdb, family, tmp_path):
                 "cache_max_flows=10000",
                 "--", "set", "Bridge", "br0", "ipfix=@i")
             plugin.wait_counter("bridge br0", "flows", 0)
+            before_replay = time.time()
             plugin.replay(frames, "--bridge=br0")
             plugin.wait_counter("bridge br0", "sampled pkts", len(frames))
+            all_counted = time.time()
             plugin.appctl("ipfix/flush")
             assert sink.wait_for(lambda _: len(
                 parse_collector(sink).records) >= len(truth), 10.0)
@@ -153,6 +156,13 @@ def test_live_collectors_read_the_export(ovsdb, family, tmp_path):
                     r["end_reason"])
     assert got == {fid: (t.packets, t.l2_octets, t.ip_octets, 4)
                    for fid, t in truth.items()}
+    # Every collector shows first and last seen within the replay (the
+    # daemon took every sample between these two moments).
+    for name, records in (("nfdump", nf.records), ("nfacctd", nfa.records),
+                          ("tshark", judged.tshark.records)):
+        assert records and all(
+            before_replay - 0.01 <= r["flow_start"] <= r["flow_end"]
+            <= all_counted + 0.01 for r in records), name
     # Options records are sequenced too: the last message's sequence
     # number counts every data record before it.
     last = judged.tshark.messages[-1]

@@ -953,7 +953,8 @@ class NfacctdCollector(_LiveCollector):
     DEFAULT_AGGREGATE = ("src_mac", "dst_mac", "vlan", "etype",
                          "src_host", "dst_host", "src_port", "dst_port",
                          "proto", "tos", "tcpflags", "in_iface",
-                         "out_iface", "export_proto_seqno")
+                         "out_iface", "export_proto_seqno",
+                         "timestamp_start", "timestamp_end")
 
     def __init__(self, family=socket.AF_INET, workdir=None,
                  aggregate=DEFAULT_AGGREGATE, extra_config=()):
@@ -981,6 +982,9 @@ class NfacctdCollector(_LiveCollector):
             # Flush only when stopped: SIGINT purges the cache.
             "print_refresh_time[out]: 3600",
             "print_num_protos[out]: true",
+            # Flow times (timestamp_start/end) in ms, UTC.
+            "timestamps_secs: false",
+            "timestamps_utc: true",
             *self.extra_config,
         ]
         with open(config, "w") as f:

@@ -916,8 +916,13 @@ _NFDUMP_FIELDS = {
 
 def _utc_seconds(text):
     """"2026-11-30T07:03:50.217" or "2026-11-30 07:03:50.217000", UTC,
-    as s since the epoch."""
-    parsed = datetime.datetime.fromisoformat(text.strip().replace(" ", "T"))
+    as s since the epoch; None for what is no time (nfacctd prints
+    "0000-00-00 00:00:00" for a record without one)."""
+    try:
+        parsed = datetime.datetime.fromisoformat(
+            text.strip().replace(" ", "T"))
+    except ValueError:
+        return None
     return parsed.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 

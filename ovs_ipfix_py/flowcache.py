@@ -190,6 +190,8 @@ class FlowCache:
         times = self.times
         counters = self.counters
         small = self.small
+        # FIN/RST end a flow only with tcp_end_of_flow on.
+        end_flags = TCP_END_FLAGS if self.tcp_end_of_flow else 0
         new = 0
         for key, count, frame_len, ip_len, tcp_flags in samples:
             slot = index_get(key)
@@ -231,7 +233,7 @@ class FlowCache:
                 small[m + 1] = ip_len
             if tcp_flags:
                 small[m + 2] |= tcp_flags
-                if tcp_flags & TCP_END_FLAGS and self.tcp_end_of_flow:
+                if tcp_flags & end_flags:
                     self._mark_end(key, now)
         return new
 

@@ -112,8 +112,9 @@ class FlowCache:
     ``max_flows`` a count (see the module docstring for 0),
     ``tcp_end_of_flow`` a bool.  Expired flows accumulate in
     ``expired`` until the caller takes them with ``take_expired()``.
-    ``now`` never goes back from one call to the next (else flows may
-    leave late, never wrongly).
+    ``now`` never goes back from one call to the next (if it does,
+    flows may leave late or by another timeout, never early and never
+    lost).
     """
 
     #: (read by _fastpath.c, which must bucket new flows the same way)

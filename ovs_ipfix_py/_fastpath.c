@@ -23,8 +23,11 @@
  *   parts of the key and the template ids come from Python
  *   (Exporter._c_params), so the key's layout is decided there.  At the
  *   first sample it does not take (values out of range, an object of
- *   another type) it stops and says where: the caller hands that sample to the
- *   general path and calls again, so samples are aggregated in order.
+ *   another type) it stops and says where: the caller hands that sample
+ *   to the general path and calls again, so samples are aggregated in
+ *   order.  With the cache's tcp_end_of_flow on, TCP samples carrying
+ *   FIN or RST are not taken either: marking a flow's end stays in
+ *   flowcache.py alone.
  * - FlowIndex: the flow cache's index as an open-addressing table
  *   (keys inline by slot), replacing its dict where this is built.
  * - parse_key(): the key builder alone, checked against packet.parse.
@@ -47,6 +50,8 @@
 /* BFD control and echo (RFC 5881, 5883): OVS never samples them. */
 #define BFD_PORT 3784
 #define BFD_ECHO_PORT 3785
+/* FIN | RST (flowcache.TCP_END_FLAGS). */
+#define TCP_END_FLAGS 0x05
 
 /* The cache's three arrays (flowcache.FlowCache.times, .counters,
  * .small: typed memoryviews), held as buffers.  They are released around
@@ -1097,6 +1102,7 @@ struct batch_state {
     uint32_t domain, point;
     PyObject *iface_for, *tunnel_for;
     const unsigned char *tids;
+    int tcp_end;                    /* cache.tcp_end_of_flow */
     /* Last probabilities seen (by identity: the batch keeps the objects
      * alive) and their packet counts, bridge and flow. */
     PyObject *last_bp, *last_fp;
@@ -1357,6 +1363,10 @@ take_sample(struct batch_state *st, PyObject *s, struct taken *t)
     t->ip_len = r.is_ip ? frame_len - (uint64_t) r.eth_header_len : 0;
     t->tcp_flags = r.tcp_flags;
     t->kind = r.kind;
+    if (st->tcp_end && (t->tcp_flags & TCP_END_FLAGS)) {
+        Py_CLEAR(t->key);
+        return 0;           /* FlowCache.add_many marks its end */
+    }
     return 1;
 }
 
@@ -1385,15 +1395,19 @@ apply_update(const struct arrays *a, const struct taken *t, double now)
 
 /* A new flow, inserted here as flowcache.FlowCache._insert does when
  * nothing else has to happen: a free slot (the free list's last, else
- * the next unused one) within the arrays, and room under max_flows (no
- * expiry).  Anything else goes to _insert itself.  The cache's fields
- * are read on the first new flow of a call and again after each call
- * to _insert. */
+ * the next unused one) within the arrays, room under max_flows (no
+ * expiry), and with an idle timeout, a first idle deadline in the
+ * wheel's tail bucket (cache._idle_tail, number _idle_tail_b).
+ * Anything else goes to _insert itself.  The cache's fields are read
+ * on the first new flow of a call and again after each call to
+ * _insert. */
 struct inserter {
     int loaded;
     PyObject *free;                 /* owned: cache._free (a list) */
     PyObject *order_append;         /* owned: cache.order.append */
-    Py_ssize_t next_slot, capacity, max_flows;
+    PyObject *idle_tail;            /* owned: a list, or NULL */
+    Py_ssize_t next_slot, capacity, max_flows, idle_timeout;
+    double idle_step, idle_tail_b;
 };
 
 static void
@@ -1401,6 +1415,7 @@ inserter_clear(struct inserter *ins)
 {
     Py_CLEAR(ins->free);
     Py_CLEAR(ins->order_append);
+    Py_CLEAR(ins->idle_tail);
     ins->loaded = 0;
 }
 
@@ -1441,9 +1456,38 @@ inserter_load(struct inserter *ins, PyObject *cache)
     ins->next_slot = attr_ssize(cache, "_next_slot");
     ins->capacity = attr_ssize(cache, "_capacity");
     ins->max_flows = attr_ssize(cache, "max_flows");
+    ins->idle_timeout = attr_ssize(cache, "idle_timeout");
     if (!ins->order_append || PyErr_Occurred()) {
         inserter_clear(ins);
         return -1;
+    }
+    if (ins->idle_timeout) {
+        PyObject *tail = PyObject_GetAttrString(cache, "_idle_tail");
+        PyObject *tail_b = tail ? PyObject_GetAttrString(cache,
+                                                         "_idle_tail_b")
+                                : NULL;
+        PyObject *step = tail_b ? PyObject_GetAttrString(cache, "idle_step")
+                                : NULL;
+
+        if (!step) {
+            Py_XDECREF(tail);
+            Py_XDECREF(tail_b);
+            inserter_clear(ins);
+            return -1;
+        }
+        ins->idle_step = PyFloat_AsDouble(step);
+        Py_DECREF(step);
+        if (PyList_Check(tail) && PyLong_Check(tail_b)) {
+            ins->idle_tail_b = PyLong_AsDouble(tail_b);
+            ins->idle_tail = tail;      /* the reference moves */
+        } else {
+            Py_DECREF(tail);            /* no tail: _insert makes one */
+        }
+        Py_DECREF(tail_b);
+        if (PyErr_Occurred()) {
+            inserter_clear(ins);
+            return -1;
+        }
     }
     if (!PyList_Check(ins->free)) {
         inserter_clear(ins);
@@ -1470,6 +1514,12 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
     fi = Py_TYPE(index) == &FlowIndex_Type ? (FlowIndex *) index : NULL;
     if ((fi ? fi->used : PyDict_GET_SIZE(index)) + 1 > ins->max_flows) {
         return 0;                   /* _insert expires */
+    }
+    if (ins->idle_timeout
+        && (!ins->idle_tail
+            || ceil((now + (double) ins->idle_timeout) / ins->idle_step)
+               != ins->idle_tail_b)) {
+        return 0;                   /* _insert starts a bucket */
     }
     nfree = PyList_GET_SIZE(ins->free);
     from_free = nfree > 0;
@@ -1564,6 +1614,11 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
         c[3] = sat_mul(octets, t->ip_len);
         m[0] = m[1] = (uint32_t) t->ip_len;
         m[2] = t->tcp_flags;
+    }
+    /* The wheel's tail bucket (a failure here leaves the flow to the
+     * active timeout alone, its aggregates whole). */
+    if (ins->idle_timeout && PyList_Append(ins->idle_tail, t->key) < 0) {
+        return -1;
     }
     return 1;
 }
@@ -1669,7 +1724,8 @@ sample_batch(PyObject *self, PyObject *args)
     struct batch_state st;
     struct arrays arr = {{NULL, NULL, NULL}, {{0}}, 0};
     struct taken g[GROUP];
-    struct inserter ins = {0, NULL, NULL, 0, 0, 0};
+    struct inserter ins = {0, NULL, NULL, NULL, 0, 0, 0, 0, 0.0, 0.0};
+    PyObject *tcp_end = NULL;
     Py_ssize_t i = 0, n, delta[S_COUNT] = {0};
     Py_buffer tids = {0};
     FlowIndex *fi = NULL;
@@ -1712,6 +1768,10 @@ sample_batch(PyObject *self, PyObject *args)
     } else if (!PyDict_Check(index)) {
         PyErr_SetString(PyExc_TypeError,
                         "cache.index must be a dict or a FlowIndex");
+        goto out;
+    }
+    tcp_end = PyObject_GetAttrString(cache, "tcp_end_of_flow");
+    if (!tcp_end || (st.tcp_end = PyObject_IsTrue(tcp_end)) < 0) {
         goto out;
     }
     if (arrays_acquire(&arr, cache) < 0) {
@@ -1892,6 +1952,7 @@ out:
     inserter_clear(&ins);
     batch_state_clear(&st);
     PyBuffer_Release(&tids);
+    Py_XDECREF(tcp_end);
     Py_XDECREF(insert);
     Py_XDECREF(index);
     Py_XDECREF(seq);
@@ -2114,34 +2175,21 @@ put_u64(unsigned char *p, uint64_t v)
     return p + 8;
 }
 
-/* Python's int(round(x)) for a float: halves to even. */
-static double
-round_half_even(double x)
-{
-    double r = round(x);
-
-    if (fabs(x - r) == 0.5) {
-        r = 2.0 * round(x / 2.0);
-    }
-    return r;
-}
-
-/* *out = et_us - int(round(t * 1e6)), clamped to unsigned32 as
- * exporter._clamp32 does.  -1 (OverflowError) for a time no clock
+/* exporter.time_ms: a time in s as dateTimeMilliseconds, truncated,
+ * clamped to [0, 2^64-1].  -1 (OverflowError) for a time no clock
  * gives. */
 static int
-delta_us(long long et_us, double t, uint32_t *out)
+time_ms(double t, uint64_t *out)
 {
-    double r = round_half_even(t * 1e6);
-    long long v;
+    double ms;
 
-    if (!isfinite(r) || fabs(r) > 4e18) {
+    if (!isfinite(t)) {
         PyErr_SetString(PyExc_OverflowError, "flow time out of range");
         return -1;
     }
-    v = et_us - (long long) r;
-    *out = v < 0 ? 0 : v > (long long) UINT32_MAX ? UINT32_MAX
-                                                  : (uint32_t) v;
+    ms = t * 1000.0;
+    *out = ms <= 0.0 ? 0
+           : ms < 18446744073709551616.0 ? (uint64_t) ms : UINT64_MAX;
     return 0;
 }
 
@@ -2150,7 +2198,7 @@ enum { F_KEY, F_START, F_END, F_PACKETS, F_L2, F_OCTETS, F_SUMSQ,
        F_MIN, F_MAX, F_FLAGS, F_REASON, F_COUNT };
 
 PyDoc_STRVAR(pack_records_doc,
-"pack_records(flows, et_us, vobs, ip, tcp) -> (data, packets, octets)\n"
+"pack_records(flows, vobs, ip, tcp) -> (data, packets, octets)\n"
 "\n"
 "exporter.pack_records in C: the data records of expired flows of one\n"
 "template (flowcache.ExpiredFlow, keys of equal length), back to back,\n"
@@ -2162,13 +2210,12 @@ pack_records(PyObject *self, PyObject *args)
 {
     PyObject *flows, *seq, *vobs, *data = NULL, *packets = NULL;
     PyObject *octets = NULL, *result = NULL;
-    long long et_us;
     int ip, tcp;
     Py_ssize_t n, key_len = -1, rec_len, vobs_len;
     unsigned char *p;
 
     (void) self;
-    if (!PyArg_ParseTuple(args, "OLO!pp:pack_records", &flows, &et_us,
+    if (!PyArg_ParseTuple(args, "OO!pp:pack_records", &flows,
                           &PyBytes_Type, &vobs, &ip, &tcp)) {
         return NULL;
     }
@@ -2197,7 +2244,7 @@ pack_records(PyObject *self, PyObject *args)
             goto out;
         }
     }
-    rec_len = (key_len < 0 ? 6 : key_len) - 6 + vobs_len + 25
+    rec_len = (key_len < 0 ? 6 : key_len) - 6 + vobs_len + 33
               + (ip ? 32 : 0) + (ip && tcp ? 2 : 0);
     data = PyBytes_FromStringAndSize(NULL, n * rec_len);
     packets = PyList_New(n);
@@ -2210,7 +2257,7 @@ pack_records(PyObject *self, PyObject *args)
         PyObject *f = PySequence_Fast_GET_ITEM(seq, i);
         PyObject *o;
         double start, end;
-        uint32_t sd, ed;
+        uint64_t sd, ed;
         unsigned long long v[F_COUNT];
 
         start = PyFloat_AsDouble(PyTuple_GET_ITEM(f, F_START));
@@ -2218,8 +2265,8 @@ pack_records(PyObject *self, PyObject *args)
         for (int j = F_PACKETS; j < F_COUNT; j++) {
             v[j] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(f, j));
         }
-        if (PyErr_Occurred() || delta_us(et_us, start, &sd) < 0
-            || delta_us(et_us, end, &ed) < 0) {
+        if (PyErr_Occurred() || time_ms(start, &sd) < 0
+            || time_ms(end, &ed) < 0) {
             goto out;
         }
         memcpy(p, PyBytes_AS_STRING(PyTuple_GET_ITEM(f, F_KEY)) + 6,
@@ -2227,10 +2274,10 @@ pack_records(PyObject *self, PyObject *args)
         p += key_len - 6;
         memcpy(p, PyBytes_AS_STRING(vobs), vobs_len);
         p += vobs_len;
-        /* flowStart/EndDeltaMicroseconds, packetDeltaCount,
+        /* flowStart/EndMilliseconds, packetDeltaCount,
          * layer2OctetDeltaCount, flowEndReason (exporter._AGG_LAYOUT) */
-        p = put_u32(p, sd);
-        p = put_u32(p, ed);
+        p = put_u64(p, sd);
+        p = put_u64(p, ed);
         p = put_u64(p, v[F_PACKETS]);
         p = put_u64(p, v[F_L2]);
         *p++ = (unsigned char) v[F_REASON];

@@ -69,6 +69,7 @@ from ovs_ipfix_py.options import (
     DEFAULT_STATS_INTERVAL,
     DEFAULT_TEMPLATE_INTERVAL,
     MAX_COLLECTOR_BUFFER_SIZE,
+    MAX_IDLE_TIMEOUT,
     MIN_MAX_MESSAGE_SIZE,
     UINT32_MAX,
     BridgeExporterOptions,
@@ -515,7 +516,10 @@ class ConfigReader:
                 active_timeout=self._int(row, "cache_active_timeout",
                                          where, reading),
                 max_flows=self._int(row, "cache_max_flows", where,
-                                    reading)),
+                                    reading),
+                idle_timeout=self._idle_timeout(row, where, reading),
+                tcp_end_of_flow=self._bool(row, "tcp-end-of-flow", False,
+                                           where, reading)),
             template_interval=self._int(row, "template_interval", where,
                                         reading),
             stats_interval=self._int(row, "stats_interval", where,
@@ -595,6 +599,23 @@ class ConfigReader:
                          f"{MAX_COLLECTOR_BUFFER_SIZE}, using it")
             return MAX_COLLECTOR_BUFFER_SIZE
         return size
+
+    @staticmethod
+    def _idle_timeout(row, where: str, reading: _Reading) -> int:
+        """other_config:cache-idle-timeout (s): 0 (off) when absent or
+        bad (not a whole number, negative, over MAX_IDLE_TIMEOUT)."""
+        value = row.other_config.get("cache-idle-timeout")
+        if value is None:
+            return 0
+        text = value.strip()
+        if text.isascii() and text.isdigit() \
+                and int(text) <= MAX_IDLE_TIMEOUT:
+            return int(text)
+        reading.warn(f"{where} cache-idle-timeout",
+                     f"{where}: IPFIX other_config:cache-idle-timeout="
+                     f"{value!r} is not a number of seconds in 0.."
+                     f"{MAX_IDLE_TIMEOUT}, using 0 (off)")
+        return 0
 
     @staticmethod
     def _virtual_obs_id(row, where: str,

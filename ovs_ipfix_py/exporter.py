@@ -16,6 +16,7 @@ monotonic one, so its timeouts fire late).
 
 from __future__ import annotations
 
+import collections
 import struct
 import zlib
 from typing import Dict, List, Optional
@@ -38,14 +39,14 @@ log = RateLimitedLog("exporter")
 #: Cache key prefix: observation domain id, template id.
 KEY_PREFIX = struct.Struct("!IH")
 #: The aggregates after a record's key, one pack per record, by (IP
-#: layout, TCP layout): flowStart/EndDeltaMicroseconds, packetDeltaCount,
+#: layout, TCP layout): flowStart/EndMilliseconds, packetDeltaCount,
 #: layer2OctetDeltaCount, flowEndReason; then for IP octetDeltaCount,
 #: octetDeltaSumOfSquares, minimum/maximumIpTotalLength; then for TCP
 #: tcpControlBits (templates.py lists the same elements).
 _AGG_LAYOUT = {
-    (False, False): struct.Struct("!IIQQB").pack,
-    (True, False): struct.Struct("!IIQQBQQQQ").pack,
-    (True, True): struct.Struct("!IIQQBQQQQH").pack,
+    (False, False): struct.Struct("!QQQQB").pack,
+    (True, False): struct.Struct("!QQQQBQQQQ").pack,
+    (True, True): struct.Struct("!QQQQBQQQQH").pack,
 }
 _STATS_RECORD = struct.Struct("!IQQQ")
 _BFD_PORTS = (3784, 3785)
@@ -74,13 +75,23 @@ class ExporterStats:
     ``tx_errs``: messages sent/failed, per collector (a TCP, TLS or
     file target counts a message it queued as sent, and one it loses
     later as failed).  Beyond OVS:
-    ``records`` exported, and the RFC 7011 section 4.3 not-sent totals.
+    ``records`` exported, the RFC 7011 section 4.3 not-sent totals, and
+    flows exported by flowEndReason (``ended_idle``, ``ended_active``,
+    ``ended_eof``, ``ended_forced``, ``ended_lack``).
     """
 
     __slots__ = ("flows", "current_flows", "pkts", "ipv4_ok", "ipv6_ok",
                  "tx_pkts", "errs", "ipv4_errs", "ipv6_errs", "tx_errs",
                  "records", "not_sent_flows", "not_sent_packets",
-                 "not_sent_octets", "dropped_samples")
+                 "not_sent_octets", "dropped_samples", "ended_idle",
+                 "ended_active", "ended_eof", "ended_forced", "ended_lack")
+
+    #: flowEndReason (1..5) -> its counter, and how show() names it.
+    ENDED = {1: ("ended_idle", "idle timeout"),
+             2: ("ended_active", "active timeout"),
+             3: ("ended_eof", "end of flow"),
+             4: ("ended_forced", "forced end"),
+             5: ("ended_lack", "lack of resources")}
 
     def __init__(self):
         for name in self.__slots__:
@@ -97,6 +108,20 @@ class ExporterStats:
                 % (self.flows, self.current_flows, self.pkts, self.ipv4_ok,
                    self.ipv6_ok, self.tx_pkts, indent, self.errs,
                    self.ipv4_errs, self.ipv6_errs, self.tx_errs))
+
+    def format_ended(self) -> str:
+        """Flows exported by end reason, one line."""
+        return "ended: " + ", ".join(
+            "%s=%d" % (label, getattr(self, name))
+            for name, label in self.ENDED.values())
+
+    def count_ended(self, flows) -> None:
+        """Count expired flows by their flowEndReason."""
+        reasons = collections.Counter(f.reason for f in flows)
+        for reason, n in reasons.items():
+            name = self.ENDED.get(reason)
+            if name is not None:
+                setattr(self, name[0], getattr(self, name[0]) + n)
 
 
 class Exporter:
@@ -116,8 +141,10 @@ class Exporter:
             min(options.export.max_message_size, MAX_UDP_PAYLOAD),
             options.export.template_interval)
         cache_opts = options.export.cache
-        self.cache = flowcache.FlowCache(cache_opts.active_timeout,
-                                         cache_opts.max_flows)
+        self.cache = flowcache.FlowCache(
+            cache_opts.active_timeout, cache_opts.max_flows,
+            idle_timeout=cache_opts.idle_timeout,
+            tcp_end_of_flow=cache_opts.tcp_end_of_flow)
         self.next_stats = now + options.export.stats_interval
         #: {OpenFlow port: interfaces.Interface} of the bridge (OVSDB),
         #: set by set_ports(); unknown ports export what OVS exports.
@@ -234,6 +261,8 @@ class Exporter:
             self.collectors.set_buffer_size(new.collector_buffer_size)
         self.cache.active_timeout = new.cache.active_timeout
         self.cache.max_flows = new.cache.max_flows
+        self.cache.set_rules(new.cache.idle_timeout,
+                             new.cache.tcp_end_of_flow)
         if new.stats_interval != old.stats_interval:
             self.next_stats = now + new.stats_interval
         self._derive_params()
@@ -551,7 +580,6 @@ class Exporter:
         self.stats.current_flows = len(self.cache)
         if not flows:
             return
-        et_us = message.export_time(now) * 1000000
         # Flows grouped by their key's first 6 bytes (domain, template
         # id) and its length, in expiry order within each group: the
         # variable-length fields (interface names, tunnel key) make
@@ -571,7 +599,7 @@ class Exporter:
             domain, tid = KEY_PREFIX.unpack(prefix)
             tid += vobs_offset
             template = t.get(tid)
-            data, packets, octets = pack(group, et_us, vobs,
+            data, packets, octets = pack(group, vobs,
                                          bool(template.l3),
                                          template.l4 == t.L4_TCP)
             # (Every record of a group has the same length.)
@@ -579,6 +607,7 @@ class Exporter:
                 (tid, template.record, message.RecordBlock(
                     data, len(data) // len(group), packets, octets)))
         self.stats.records += len(flows)
+        self.stats.count_ended(flows)
         for domain, tgroups in by_domain.items():
             for msg in self.writer.data_messages(domain, now, tgroups):
                 self._send(msg)
@@ -632,10 +661,14 @@ class Exporter:
             head = "bridge %s id %d: " % (o.bridge, o.collector_set_id)
         self.stats.current_flows = len(self.cache)
         lines = [head + self.stats.format(" " * len(head))]
-        lines.append("%scache: %d flows, active timeout %ds, max flows %d"
-                     % (" " * len(head), len(self.cache),
-                        o.export.cache.active_timeout,
-                        o.export.cache.max_flows))
+        c = o.export.cache
+        lines.append("%scache: %d flows, active timeout %ds, idle timeout "
+                     "%s, max flows %d, tcp end of flow %s"
+                     % (" " * len(head), len(self.cache), c.active_timeout,
+                        "%ds" % c.idle_timeout if c.idle_timeout else "off",
+                        c.max_flows,
+                        "on" if c.tcp_end_of_flow else "off"))
+        lines.append(" " * len(head) + self.stats.format_ended())
         described = self.collectors.describe()
         if not described:
             lines.append("%scollectors: none" % (" " * len(head)))
@@ -647,21 +680,21 @@ class Exporter:
         return "\n".join(lines)
 
 
-def pack_records(flows, et_us: int, vobs: bytes, ip: bool, tcp: bool):
+def pack_records(flows, vobs: bytes, ip: bool, tcp: bool):
     """Data records of expired flows of one template, back to back:
     ``(data, packets, octets)``, the last two per record (octets: IP
     octets for IP layouts, layer-2 octets otherwise) for the not-sent
-    totals.  ``et_us``: the message's export time in microseconds, which
-    the delta timestamps count back from; ``vobs``: the encoded
-    virtualObsID, or b"".  (``fastpath.C.pack_records`` does the same in
-    C; tests/test_fastpath.py checks both.)"""
+    totals.  ``vobs``: the encoded virtualObsID, or b"".  First and
+    last seen go out as flowStart/EndMilliseconds (ms since the epoch,
+    truncated: see ``time_ms``).  (``fastpath.C.pack_records`` does the
+    same in C; tests/test_fastpath.py checks both.)"""
     pack = _AGG_LAYOUT[ip, tcp]
     recs = []
     packets = []
     octets = []
     for f in flows:
-        sd = _clamp32(et_us - int(round(f.start * 1e6)))
-        ed = _clamp32(et_us - int(round(f.end * 1e6)))
+        sd = time_ms(f.start)
+        ed = time_ms(f.end)
         if tcp:
             agg = pack(sd, ed, f.packets, f.l2_octets, f.reason, f.octets,
                        f.sumsq, f.min_len, f.max_len, f.tcp_flags)
@@ -676,8 +709,19 @@ def pack_records(flows, et_us: int, vobs: bytes, ip: bool, tcp: bool):
     return b"".join(recs), packets, octets
 
 
-def _clamp32(value: int) -> int:
-    """Delta timestamps are unsigned32: never negative, never wrapped."""
-    if value < 0:
+def time_ms(t: float) -> int:
+    """A time in s since the epoch as dateTimeMilliseconds (RFC 7011
+    section 6.1.8: unsigned64 ms since 1970): truncated to the ms,
+    never negative, never wrapped.  A time no clock gives (inf, NaN)
+    raises OverflowError."""
+    if t != t or t in (_INF, -_INF):
+        raise OverflowError("flow time out of range")
+    ms = t * 1000.0
+    if ms <= 0.0:
         return 0
-    return value if value <= UINT32_MAX else UINT32_MAX
+    return int(ms) if ms < _U64_LIMIT else U64_MAX
+
+
+_INF = float("inf")
+#: 2^64 as a float: ms at or beyond it hold at 2^64-1.
+_U64_LIMIT = 18446744073709551616.0

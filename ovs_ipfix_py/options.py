@@ -22,6 +22,9 @@ DEFAULT_COLLECTOR_PORT = 4739
 DEFAULT_SAMPLING = 400
 DEFAULT_TEMPLATE_INTERVAL = 600
 DEFAULT_STATS_INTERVAL = 600
+#: other_config:cache-idle-timeout's upper bound (s): as
+#: cache_active_timeout's.
+MAX_IDLE_TIMEOUT = 4200
 #: RFC 7011 section 10.3.3: without path MTU knowledge, 512 bytes is
 #: safe; 1400 fits any Ethernet path with room for tunnels.
 DEFAULT_MAX_MESSAGE_SIZE = 1400
@@ -41,10 +44,17 @@ class CacheOptions:
     exported with reason active timeout.  ``max_flows``: above this many
     cached flows the oldest-started leave with reason lack of resources.
     Both 0 means no caching: every sample is exported at once (as OVS).
+    ``idle_timeout`` (s, other_config:cache-idle-timeout, 0: off): a
+    flow with no sample for this long leaves with reason idle timeout.
+    ``tcp_end_of_flow`` (other_config:tcp-end-of-flow): a TCP flow that
+    saw FIN or RST leaves with reason end of flow detected, after a
+    short linger (flowcache.TCP_END_LINGER).
     """
 
     active_timeout: int = 0
     max_flows: int = 0
+    idle_timeout: int = 0
+    tcp_end_of_flow: bool = False
 
     @property
     def enabled(self) -> bool:

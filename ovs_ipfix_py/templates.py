@@ -101,9 +101,14 @@ _TUNNEL_KEY = [
     ("tunnelKey", VARIABLE),
 ]
 
+#: Absolute times (dateTimeMilliseconds), not OVS's
+#: flowStart/EndDeltaMicroseconds: nfdump 1.7 reads the deltas as times
+#: near 1970, and when a record carries both it takes whichever comes
+#: last; nfacctd and tshark read the absolute ones (README, "Reading the
+#: records with nfdump").
 _COMMON_AGG = [
-    ("flowStartDeltaMicroseconds", 4),
-    ("flowEndDeltaMicroseconds", 4),
+    ("flowStartMilliseconds", 8),
+    ("flowEndMilliseconds", 8),
     ("packetDeltaCount", 8),
     ("layer2OctetDeltaCount", 8),
     ("flowEndReason", 1),

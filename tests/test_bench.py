@@ -15,12 +15,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "tools", "bench")
 
 #: Every row of the table, in order.
-ROWS = (["1.%d" % i for i in range(1, 22)]
+ROWS = (["1.%d" % i for i in range(1, 25)]
         + ["2.%d" % i for i in range(1, 11)]
         + ["3.%d" % i for i in range(1, 7)] + ["4.1", "4.2"])
-#: Rows that carry a target from issues 2, 5 and 10.
+#: Rows that carry a target from issues 2, 5, 10 and 11.
 TARGETED = {"1.1", "1.2", "1.6", "1.8", "1.12", "1.15", "1.18", "1.21",
-            "3.2", "3.5"}
+            "1.24", "3.2", "3.5"}
 ROW = re.compile(r"^(\d\.\d+) +(\S.*)$")
 NUMBER = r"-?[0-9][0-9,]*(\.[0-9]+)?"
 

@@ -162,10 +162,14 @@ def test_bridge_and_flow_exporter_all_values(ovsdb, reader_factory):
         "other_config:enable-input-sampling=false",
         "other_config:enable-output-sampling=true",
         "other_config:virtual_obs_id=vobs-1",
-        "other_config:max-message-size=9000"])
+        "other_config:max-message-size=9000",
+        "other_config:cache-idle-timeout=15",
+        "other_config:tcp-end-of-flow=true"])
     desired = sync(cfg)
     export = ExportOptions(
-        targets=("127.0.0.1:4739",), cache=CacheOptions(60, 10000),
+        targets=("127.0.0.1:4739",),
+        cache=CacheOptions(60, 10000, idle_timeout=15,
+                           tcp_end_of_flow=True),
         template_interval=600, stats_interval=600, max_message_size=9000,
         enable_tunnel_sampling=False, virtual_obs_id="vobs-1")
     assert desired == {
@@ -607,3 +611,36 @@ def test_ports_with_an_older_schema(ovsdb_factory, reader_factory,
     pump(cfg, lambda: cfg.changed() and cfg.ports().get("br9"),
          what="ports")
     assert cfg.ports() == {"br9": {5: Interface(5, "p5")}}
+
+
+@pytest.mark.parametrize("value", ["-5", "abc", "1.5", "4201", "9" * 30,
+                                   ""])
+def test_bad_idle_timeout_warns_once_and_means_off(ovsdb, reader_factory,
+                                                   value):
+    """A negative, non-numeric, fractional or absurdly large
+    cache-idle-timeout: logged once with the row and the key, 0 (off)
+    used, the exporter kept; tcp-end-of-flow likewise (default false).
+    """
+    cfg = reader_factory(ovsdb.remote)
+    create_ipfix(ovsdb, ipfix_args=[
+        'targets="127.0.0.1:4739"', "cache_active_timeout=60",
+        f'other_config:cache-idle-timeout="{value}"',
+        "other_config:tcp-end-of-flow=sometimes"])
+    cache = sync(cfg)[("bridge", "br0")].export.cache
+    assert (cache.idle_timeout, cache.tcp_end_of_flow) == (0, False)
+    assert cache.active_timeout == 60
+    warnings = list(cfg.recent_warnings)
+    assert cfg.stats["config_warnings"] == 2, warnings
+    assert any("bridge br0" in w and "cache-idle-timeout=" in w
+               and "using 0 (off)" in w for w in warnings)
+    assert any("bridge br0" in w and "tcp-end-of-flow='sometimes'" in w
+               for w in warnings)
+    ovsdb.vsctl("set", "IPFIX", ".", "sampling=2")
+    assert sync(cfg)[("bridge", "br0")].sampling == 2
+    assert cfg.stats["config_warnings"] == 2
+    # Fixed: the value applies, nothing more is logged.
+    ovsdb.vsctl("set", "IPFIX", ".", "other_config:cache-idle-timeout=30",
+                "other_config:tcp-end-of-flow=true")
+    cache = sync(cfg)[("bridge", "br0")].export.cache
+    assert (cache.idle_timeout, cache.tcp_end_of_flow) == (30, True)
+    assert cfg.stats["config_warnings"] == 2

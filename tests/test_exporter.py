@@ -227,9 +227,10 @@ def test_records_decode_back_to_the_flows(shared_collector, samples,
                                tmpl.key_fields)])
             values = decode_record(r)
             assert len(tmpl.fields) == len(values)
-            # Sampled and exported at 100.0 s: no time between.
-            assert values.pop("flowStartDeltaMicroseconds") == 0
-            assert values.pop("flowEndDeltaMicroseconds") == 0
+            # Sampled at 100.0 s: 100,000 ms since 1970 (unsigned64).
+            ms = (100_000).to_bytes(8, "big")
+            assert values.pop("flowStartMilliseconds") == ms
+            assert values.pop("flowEndMilliseconds") == ms
             got[r.template_id, key] = {n: values[n]
                                        for n, _ in tmpl.agg_fields
                                        if n in values}
@@ -513,3 +514,40 @@ def test_virtual_obs_id_follows_the_key(tmp_path):
             assert [r["packets"] for r in judged.tshark.records] == [1]
         finally:
             exp.close(20.0)
+
+
+# -- end reasons, idle timeout and TCP end of flow --------------------------
+
+def test_end_reasons_counted_and_shown():
+    """Flows leave by idle timeout, end of flow, active timeout and
+    forced end; ExporterStats counts each and show() prints them with
+    the cache's options.  A change of rules flushes (forced end)."""
+    opts = bridge_options(cache=CacheOptions(5, 1000, 1, True))
+    exp = Exporter(opts, 0.0)
+    udp = tr.ethernet(tr.ipv4(tr.udp(1, 2), proto=tr.IPPROTO_UDP))
+    fin = tr.ethernet(tr.ipv4(tr.tcp(3, 4, flags=0x11),
+                              proto=tr.IPPROTO_TCP))
+    busy = tr.ethernet(tr.ipv4(tr.udp(5, 6), proto=tr.IPPROTO_UDP))
+    try:
+        text = exp.show()
+        assert ("active timeout 5s, idle timeout 1s, max flows 1000, "
+                "tcp end of flow on") in text
+        exp.sample_bridge_batch([BridgeSample("br0", 1, None, 1, f, 60)
+                                 for f in (udp, fin, busy)], 10.0)
+        for i in range(1, 12):
+            now = 10.0 + i * 0.5
+            exp.sample_bridge_batch([BridgeSample("br0", 1, None, 1, busy,
+                                                  60)], now)
+            exp.run(now)
+        st_ = exp.stats
+        assert (st_.ended_idle, st_.ended_eof, st_.ended_active) == (1, 1, 1)
+        assert "ended: idle timeout=1, active timeout=1, end of flow=1, " \
+            "forced end=0, lack of resources=0" in exp.show()
+        exp.reconfigure(bridge_options(cache=CacheOptions(5, 1000)), 16.0)
+        assert (st_.ended_forced, len(exp.cache)) == (1, 0)
+        assert (exp.cache.idle_timeout, exp.cache.tcp_end_of_flow) == (
+            0, False)
+        assert "idle timeout off, max flows 1000, tcp end of flow off" \
+            in exp.show()
+    finally:
+        exp.close(20.0)

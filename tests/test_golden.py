@@ -75,8 +75,8 @@ TEMPLATE_268 = (
     "000c 0004"   # destinationIPv4Address (12)
     "0007 0002"   # sourceTransportPort (7)
     "000b 0002"   # destinationTransportPort (11)
-    "009e 0004"   # flowStartDeltaMicroseconds (158)
-    "009f 0004"   # flowEndDeltaMicroseconds (159)
+    "0098 0008"   # flowStartMilliseconds (152)
+    "0099 0008"   # flowEndMilliseconds (153)
     "0002 0008"   # packetDeltaCount (2)
     "0160 0008"   # layer2OctetDeltaCount (352)
     "0088 0001"   # flowEndReason (136)
@@ -88,7 +88,8 @@ TEMPLATE_268 = (
 )
 
 # Three packets of 54, 154 and 1014 bytes (IP 40, 140, 1000) at T0,
-# T0+0.5, T0+0.75, flushed at T0+0.75 (export time T0+1).
+# T0+0.5, T0+0.75, flushed at T0+0.75 (export time T0+1).  Times in
+# ms since 1970: T0 = 1,700,000,000,000 ms = 0x18bcfe56800.
 RECORD_1 = (
     "00000007" "00"                        # observation point 7, ingress
     "020000000001" "020000000002"          # source, destination MAC
@@ -97,8 +98,8 @@ RECORD_1 = (
     "04" "65746833" "00"                   # name "eth3", no description
     "04" "40" "06" "2e" "05" "b8"          # v4, TTL 64, TCP, DSCP, prec, TOS
     "0a000001" "0a000002" "3039" "0050"    # addresses, ports
-    "000f4240"                             # start: 1,000,000 us before
-    "0003d090"                             # end: 250,000 us before
+    "0000018bcfe56800"                     # start: T0
+    "0000018bcfe56aee"                     # end: T0 + 750 ms
     "0000000000000003"                     # packets
     "00000000000004c6"                     # l2 octets 54 + 154 + 1014
     "04"                                   # forced end
@@ -109,24 +110,25 @@ RECORD_1 = (
 )
 
 MESSAGE_1 = (
-    "000a 0103"            # version 10, length 259 = 16 + 128 + 115
+    "000a 010b"            # version 10, length 267 = 16 + 128 + 123
     "6553f101"             # export time T0 + 1 (now rounded up)
     "00000000"             # no data record before
     "0000002a"             # observation domain 42
     "0002 0080" + TEMPLATE_268 +         # template set, 4 + 124
-    "010c 0073" + RECORD_1               # data set 268, 4 + 111
+    "010c 007b" + RECORD_1               # data set 268, 4 + 119
 )
 
 # One SYN at T0+1, flushed at T0+2.
 MESSAGE_2 = (
-    "000a 0083" "6553f102"
+    "000a 008b" "6553f102"
     "00000001"             # one data record before, in domain 42
     "0000002a"
-    "010c 0073"            # the template is not sent again
+    "010c 007b"            # the template is not sent again
     "00000007" "00" "020000000001" "020000000002" "0800" "0e" "00000003"
     "00000000" "04" "65746833" "00"
     "04" "40" "06" "2e" "05" "b8" "0a000001" "0a000002" "303a" "0050"
-    "000f4240" "000f4240" "0000000000000001" "0000000000000036" "04"
+    "0000018bcfe56be8" "0000018bcfe56be8"  # T0 + 1000 ms
+    "0000000000000001" "0000000000000036" "04"
     "0000000000000028" "0000000000000640"
     "0000000000000028" "0000000000000028" "0002"
 )
@@ -203,20 +205,20 @@ def test_vlan_non_ip_record(collector):
         exp.flush(T0 + 0.5)
         [msg] = receive(collector, 1)
         expected = (
-            "000a 00a0" "6553f101" "00000000" "0000002b"
+            "000a 00a8" "6553f101" "00000000" "0000002b"
             "0002 0050"
             "011e 0012"                        # template 286, 18 fields
             "008a0004 003d0001 00380006 00500006 01000002 00f00001"
             "000a0004 01700004 0052ffff 0053ffff"  # interface elements
             "003a0002 00f30002 00f40001"       # vlanId, dot1qVlanId, prio
-            "009e0004 009f0004 00020008 01600008 00880001"
-            "011e 0040"                        # data set, 4 + 60
+            "00980008 00990008 00020008 01600008 00880001"
+            "011e 0048"                        # data set, 4 + 68
             "00000007" "00" "020000000001" "ffffffffffff" "0806" "12"
             # Port 5 is unknown: ifindex 0, type 0, two empty strings
             # (OVS's ipfix_put_iface_data_record()).
             "00000000" "00000000" "00" "00"
             "0064" "0064" "06"
-            "0007a120" "0007a120"              # 500,000 us
+            "0000018bcfe569f4" "0000018bcfe569f4"  # T0 + 500 ms
             "0000000000000001" "0000000000000040" "04")
         assert msg.hex() == hx(expected).hex()
     finally:

@@ -616,9 +616,14 @@ def assert_design_differences(outcome):
             == {(1001, "p1")}
         assert {(r.get("egress_if"), r.get("egress_if_name"))
                 for r in recs} <= {(None, None), (0, "p2")}
-    # Timestamps: OVS's flow start/end deltas are whole milliseconds.
+    # Timestamps: OVS sends flow start/end deltas (whole milliseconds),
+    # we send absolute flowStart/EndMilliseconds, which nfdump reads.
     deltas = {r["start_delta_us"] % 1000 for r in ovs.parser_records}
     assert deltas == {0}
+    assert {158, 159} <= ovs.template_ies()
+    assert not {152, 153} & ovs.template_ies()
+    assert {152, 153} <= ours.template_ies()
+    assert not {158, 159} & ours.template_ies()
 
 
 # ---------------------------------------------------------------------------

@@ -21,8 +21,8 @@ IANA = {
     "sourceMacAddress": 56, "vlanId": 58, "ipVersion": 60,
     "flowDirection": 61, "destinationMacAddress": 80,
     "flowEndReason": 136, "observationPointId": 138,
-    "exportingProcessId": 144, "flowStartDeltaMicroseconds": 158,
-    "flowEndDeltaMicroseconds": 159, "notSentFlowTotalCount": 166,
+    "exportingProcessId": 144, "flowStartMilliseconds": 152,
+    "flowEndMilliseconds": 153, "notSentFlowTotalCount": 166,
     "notSentPacketTotalCount": 167, "notSentOctetTotalCount": 168,
     "icmpTypeIPv4": 176, "icmpCodeIPv4": 177, "icmpTypeIPv6": 178,
     "icmpCodeIPv6": 179, "ipTTL": 192, "ipDiffServCodePoint": 195,
@@ -158,14 +158,14 @@ def test_plain_ipv4_tcp_ingress_by_hand():
         *IFACE_IN,
         (60, 1), (192, 1), (4, 1), (195, 1), (196, 1), (5, 1),
         (8, 4), (12, 4), (7, 2), (11, 2),
-        (158, 4), (159, 4), (2, 8), (352, 8), (136, 1),
+        (152, 8), (153, 8), (2, 8), (352, 8), (136, 1),
         (1, 8), (198, 8), (25, 8), (26, 8), (6, 2),
     ]
     tid, specs = specifiers(t.get(268).record)
     assert tid == 268
     assert [(ie, length) for ie, length, _ in specs] == expected
     assert t.get(268).key_length == 48
-    assert t.get(268).data_length == 107
+    assert t.get(268).data_length == 115
 
 
 def test_tunnelled_ipv4_udp_egress_by_hand():
@@ -178,7 +178,7 @@ def test_tunnelled_ipv4_udp_egress_by_hand():
         (5, 1, 0), (8, 4, 0), (12, 4, 0), (7, 2, 0), (11, 2, 0),
         (893, 4, 6876), (894, 4, 6876), (895, 1, 6876), (896, 2, 6876),
         (897, 2, 6876), (891, 1, 6876), (892, 65535, 6876),
-        (158, 4, 0), (159, 4, 0), (2, 8, 0), (352, 8, 0), (136, 1, 0),
+        (152, 8, 0), (153, 8, 0), (2, 8, 0), (352, 8, 0), (136, 1, 0),
         (1, 8, 0), (198, 8, 0), (25, 8, 0), (26, 8, 0),
     ]
     tid = t.template_id(t.L2_ETH, t.L3_IPV4, t.L4_UDP, t.EGRESS, True)
@@ -193,7 +193,7 @@ def test_vlan_ipv6_icmp_egress_by_hand():
         *IFACE_IN, *IFACE_OUT, (58, 2), (243, 2), (244, 1),
         (60, 1), (192, 1), (4, 1), (195, 1), (196, 1), (5, 1),
         (27, 16), (28, 16), (31, 4), (178, 1), (179, 1),
-        (158, 4), (159, 4), (2, 8), (352, 8), (136, 1),
+        (152, 8), (153, 8), (2, 8), (352, 8), (136, 1),
         (1, 8), (198, 8), (25, 8), (26, 8),
     ]
     _, specs = specifiers(t.get(315).record)
@@ -202,7 +202,7 @@ def test_vlan_ipv6_icmp_egress_by_hand():
 
 def test_non_ip_has_no_ip_fields():
     expected = [(138, 4), (61, 1), (56, 6), (80, 6), (256, 2), (240, 1),
-                *IFACE_IN, (158, 4), (159, 4), (2, 8), (352, 8), (136, 1)]
+                *IFACE_IN, (152, 8), (153, 8), (2, 8), (352, 8), (136, 1)]
     _, specs = specifiers(t.get(256).record)
     assert [(ie, length) for ie, length, _ in specs] == expected
 
@@ -228,7 +228,8 @@ def test_layout_rules(tid):
     # The key comes first, the aggregate after it.
     key_names = [n for n, _ in tmpl.key_fields]
     assert names[:len(key_names)] == key_names
-    assert names[len(key_names)] == "flowStartDeltaMicroseconds"
+    assert names[len(key_names):len(key_names) + 2] == [
+        "flowStartMilliseconds", "flowEndMilliseconds"]
 
 
 def test_exporter_stats_options_template():

@@ -83,6 +83,8 @@ FIELDS = {
     136: ("end_reason", "uint"),
     138: ("obs_point_id", "uint"),
     144: ("exporting_process_id", "uint"),
+    152: ("start_ms", "uint"),
+    153: ("end_ms", "uint"),
     158: ("start_delta_us", "uint"),
     159: ("end_delta_us", "uint"),
     166: ("not_sent_flows", "uint"),
@@ -211,6 +213,9 @@ class DataRecord:
                            ("end_delta_us", "flow_end")):
             if delta in out:
                 out[key] = self.export_time - out[delta] / 1e6
+        for ms, key in (("start_ms", "flow_start"), ("end_ms", "flow_end")):
+            if ms in out:
+                out[key] = out[ms] / 1e3
         return out
 
 
@@ -902,7 +907,9 @@ class NfcapdCollector(_LiveCollector):
 
     nfcapd does not count options data records in its sequence check,
     so streams carrying them show false "sequence errors".  nfdump
-    1.7.1 misreads flowStart/EndDeltaMicroseconds (first/last).
+    1.7.1 misreads flowStart/EndDeltaMicroseconds (first/last); it
+    reads flowStart/EndMilliseconds, normalized here as flow_start /
+    flow_end (s since the epoch; nfdump runs with TZ=UTC).
     """
 
     PACKAGE = "nfdump"
@@ -943,7 +950,8 @@ class NfcapdCollector(_LiveCollector):
                 # brackets.
                 [nfdump, "-r", os.path.join(self.flowdir, name),
                  "-o", "json"], capture_output=True, text=True,
-                stdin=subprocess.DEVNULL, timeout=120)
+                stdin=subprocess.DEVNULL, timeout=120,
+                env=dict(os.environ, TZ="UTC"))
             if result.returncode != 0:
                 raise RuntimeError(f"nfdump failed: {result.stderr}")
             text = result.stdout.strip()
@@ -967,9 +975,24 @@ _NFDUMP_FIELDS = {
 }
 
 
+def _utc_seconds(text):
+    """"2026-11-30T07:03:50.217" or "2026-11-30 07:03:50.217000", UTC,
+    as s since the epoch; None for what is no time (nfacctd prints
+    "0000-00-00 00:00:00" for a record without one)."""
+    try:
+        parsed = datetime.datetime.fromisoformat(
+            text.strip().replace(" ", "T"))
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
 def _normalize_nfdump(raw):
     out = {new: raw[old] for old, new in _NFDUMP_FIELDS.items()
            if old in raw}
+    for old, new in (("first", "flow_start"), ("last", "flow_end")):
+        if raw.get(old):
+            out[new] = _utc_seconds(raw[old])
     out["raw"] = raw
     return out
 
@@ -996,7 +1019,8 @@ class NfacctdCollector(_LiveCollector):
     DEFAULT_AGGREGATE = ("src_mac", "dst_mac", "vlan", "etype",
                          "src_host", "dst_host", "src_port", "dst_port",
                          "proto", "tos", "tcpflags", "in_iface",
-                         "out_iface", "export_proto_seqno")
+                         "out_iface", "export_proto_seqno",
+                         "timestamp_start", "timestamp_end")
 
     def __init__(self, family=socket.AF_INET, workdir=None,
                  aggregate=DEFAULT_AGGREGATE, extra_config=()):
@@ -1024,6 +1048,9 @@ class NfacctdCollector(_LiveCollector):
             # Flush only when stopped: SIGINT purges the cache.
             "print_refresh_time[out]: 3600",
             "print_num_protos[out]: true",
+            # Flow times (timestamp_start/end) in ms, UTC.
+            "timestamps_secs: false",
+            "timestamps_utc: true",
             *self.extra_config,
         ]
         with open(config, "w") as f:
@@ -1058,10 +1085,17 @@ _NFACCTD_FIELDS = {
 
 
 def _normalize_nfacctd(row):
+    """A CSV row as a normalized dict; with the timestamp_start/end
+    primitives aggregated (and ``timestamps_utc: true``), flow_start and
+    flow_end in s since the epoch."""
     out = {}
     for column, (key, convert) in _NFACCTD_FIELDS.items():
         if row.get(column) not in (None, ""):
             out[key] = convert(row[column])
+    for column, key in (("TIMESTAMP_START", "flow_start"),
+                        ("TIMESTAMP_END", "flow_end")):
+        if row.get(column) not in (None, ""):
+            out[key] = _utc_seconds(row[column])
     out["raw"] = row
     return out
 

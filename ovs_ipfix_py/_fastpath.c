@@ -37,6 +37,7 @@
  *   upcall datagrams as upcall.FrameBatcher builds them.
  * - expired_flows(): FlowCache.flush's ExpiredFlow records.
  * - pack_records(): exporter.pack_records, data records of one template.
+ * - group_expired(): exporter.group_expired, expired flows by template.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -2309,6 +2310,141 @@ out:
     return result;
 }
 
+PyDoc_STRVAR(group_expired_doc,
+"group_expired(flows) -> (groups, reasons)\n"
+"\n"
+"exporter.group_expired in C: expired flows (flowcache.ExpiredFlow)\n"
+"grouped by (their key's first 6 bytes, the key's length), in order of\n"
+"first appearance and in order within each group; and how many left\n"
+"by each flowEndReason ({reason: count}).");
+
+static PyObject *
+group_expired(PyObject *self, PyObject *args)
+{
+    PyObject *flows, *seq, *groups = NULL, *reasons = NULL, *res = NULL;
+    PyObject *last_key = NULL, *last_list = NULL;
+    Py_ssize_t n, small[16] = {0};
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "O:group_expired", &flows)) {
+        return NULL;
+    }
+    seq = PySequence_Fast(flows, "flows must be a sequence");
+    if (!seq) {
+        return NULL;
+    }
+    groups = PyDict_New();
+    reasons = PyDict_New();
+    if (!groups || !reasons) {
+        goto out;
+    }
+    n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *f = PySequence_Fast_GET_ITEM(seq, i), *key, *reason;
+        Py_ssize_t klen;
+
+        if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) < F_COUNT
+            || !PyBytes_Check(PyTuple_GET_ITEM(f, F_KEY))
+            || PyBytes_GET_SIZE(PyTuple_GET_ITEM(f, F_KEY)) < 6) {
+            PyErr_SetString(PyExc_TypeError, "flows: ExpiredFlow tuples");
+            goto out;
+        }
+        key = PyTuple_GET_ITEM(f, F_KEY);
+        klen = PyBytes_GET_SIZE(key);
+        /* Expired flows come in runs of one group: compare with the
+         * last flow's key before building a group key. */
+        if (!last_key || PyBytes_GET_SIZE(last_key) != klen
+            || memcmp(PyBytes_AS_STRING(last_key), PyBytes_AS_STRING(key),
+                      6)) {
+            PyObject *gk = Py_BuildValue("(y#n)", PyBytes_AS_STRING(key),
+                                         (Py_ssize_t) 6, klen);
+            PyObject *g;
+
+            if (!gk) {
+                goto out;
+            }
+            g = PyDict_GetItemWithError(groups, gk);
+            if (!g) {
+                if (PyErr_Occurred()) {
+                    Py_DECREF(gk);
+                    goto out;
+                }
+                g = PyList_New(0);
+                if (!g || PyDict_SetItem(groups, gk, g) < 0) {
+                    Py_XDECREF(g);
+                    Py_DECREF(gk);
+                    goto out;
+                }
+                Py_DECREF(g);           /* the dict holds it */
+            }
+            Py_DECREF(gk);
+            last_list = g;
+            last_key = key;
+        }
+        if (PyList_Append(last_list, f) < 0) {
+            goto out;
+        }
+        reason = PyTuple_GET_ITEM(f, F_REASON);
+        if (PyLong_CheckExact(reason)) {
+            long r = PyLong_AsLong(reason);
+
+            if (r >= 0 && r < 16) {
+                small[r]++;
+                continue;
+            }
+            PyErr_Clear();
+        }
+        {
+            /* reasons[reason] = reasons.get(reason, 0) + 1 */
+            PyObject *old = PyDict_GetItemWithError(reasons, reason);
+            PyObject *one, *sum;
+
+            if (!old && PyErr_Occurred()) {
+                goto out;
+            }
+            one = PyLong_FromLong(1);
+            if (!one) {
+                goto out;
+            }
+            if (old) {
+                sum = PyNumber_Add(old, one);
+            } else {
+                Py_INCREF(one);
+                sum = one;
+            }
+            Py_DECREF(one);
+            if (!sum || PyDict_SetItem(reasons, reason, sum) < 0) {
+                Py_XDECREF(sum);
+                goto out;
+            }
+            Py_DECREF(sum);
+        }
+    }
+    for (long r = 0; r < 16; r++) {
+        PyObject *k, *v;
+
+        if (!small[r]) {
+            continue;
+        }
+        k = PyLong_FromLong(r);
+        v = PyLong_FromSsize_t(small[r]);
+        if (!k || !v || PyDict_SetItem(reasons, k, v) < 0) {
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            goto out;
+        }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    res = PyTuple_Pack(2, groups, reasons);
+
+out:
+    Py_XDECREF(groups);
+    Py_XDECREF(reasons);
+    Py_DECREF(seq);
+    return res;
+}
+
 PyDoc_STRVAR(expired_flows_doc,
 "expired_flows(cls, keys, slots, times, counters, small, reason) -> list\n"
 "\n"
@@ -2612,6 +2748,7 @@ static PyMethodDef methods[] = {
     {"one_source", one_source, METH_VARARGS, one_source_doc},
     {"decode_hits", decode_hits, METH_VARARGS, decode_hits_doc},
     {"pack_records", pack_records, METH_VARARGS, pack_records_doc},
+    {"group_expired", group_expired, METH_VARARGS, group_expired_doc},
     {"expired_flows", expired_flows, METH_VARARGS, expired_flows_doc},
     {NULL, NULL, 0, NULL},
 };

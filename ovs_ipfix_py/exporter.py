@@ -115,9 +115,9 @@ class ExporterStats:
             "%s=%d" % (label, getattr(self, name))
             for name, label in self.ENDED.values())
 
-    def count_ended(self, flows) -> None:
-        """Count expired flows by their flowEndReason."""
-        reasons = collections.Counter(f.reason for f in flows)
+    def count_ended(self, reasons) -> None:
+        """Count expired flows by flowEndReason: ``reasons`` maps a
+        reason to how many flows left by it (group_expired's)."""
         for reason, n in reasons.items():
             name = self.ENDED.get(reason)
             if name is not None:
@@ -585,13 +585,8 @@ class Exporter:
         # variable-length fields (interface names, tunnel key) make
         # records of one template differ in length, and a RecordBlock
         # holds records of one length.
-        groups: Dict = {}
-        for f in flows:
-            gk = (f.key[:6], len(f.key))
-            g = groups.get(gk)
-            if g is None:
-                g = groups[gk] = []
-            g.append(f)
+        groups, reasons = (fastpath.C.group_expired if fastpath.C
+                           else group_expired)(flows)
         vobs, vobs_offset = self._vobs, self._vobs_offset
         pack = fastpath.C.pack_records if fastpath.C else pack_records
         by_domain: Dict[int, List] = {}
@@ -607,7 +602,7 @@ class Exporter:
                 (tid, template.record, message.RecordBlock(
                     data, len(data) // len(group), packets, octets)))
         self.stats.records += len(flows)
-        self.stats.count_ended(flows)
+        self.stats.count_ended(reasons)
         for domain, tgroups in by_domain.items():
             for msg in self.writer.data_messages(domain, now, tgroups):
                 self._send(msg)
@@ -678,6 +673,25 @@ class Exporter:
             lines.append("%sbad target %s: %s" % (" " * len(head), spec,
                                                   why))
         return "\n".join(lines)
+
+
+def group_expired(flows):
+    """``(groups, reasons)``: expired flows grouped by (their key's
+    first 6 bytes: domain and template id, the key's length), in order
+    of first appearance and in expiry order within each group (the
+    variable-length fields, interface names and tunnel key, make records
+    of one template differ in length, and a RecordBlock holds records of
+    one length); and {flowEndReason: how many flows}.
+    (``fastpath.C.group_expired`` does the same in C;
+    tests/test_fastpath.py checks both.)"""
+    groups: Dict = {}
+    for f in flows:
+        gk = (f.key[:6], len(f.key))
+        g = groups.get(gk)
+        if g is None:
+            g = groups[gk] = []
+        g.append(f)
+    return groups, dict(collections.Counter(f.reason for f in flows))
 
 
 def pack_records(flows, vobs: bytes, ip: bool, tcp: bool):

@@ -35,6 +35,7 @@ from ovs_ipfix_py.exporter import (
     _TEMPLATE_IDS,
     KEY_PREFIX,
     Exporter,
+    group_expired,
     pack_records,
 )
 from ovs_ipfix_py.flowcache import U64_MAX, ExpiredFlow
@@ -664,6 +665,32 @@ def test_pack_records_refuses_times_no_clock_gives(bad):
         C.pack_records([f], b"", True, True)
     with pytest.raises(OverflowError):
         pack_records([f], b"", True, True)
+
+
+@st.composite
+def mixed_expired(draw):
+    """Expired flows of several templates and key lengths, in runs and
+    interleaved, with any end reason."""
+    heads = [bytes(6), b"\0\0\0\7\1\2", b"\0\0\0\7\1\3"]
+    flows = []
+    for _ in range(draw(st.integers(0, 30))):
+        head = draw(st.sampled_from(heads))
+        key = head + bytes(draw(st.sampled_from([0, 20, 21, 60])))
+        flows.append(ExpiredFlow(key, 1.0, 2.0, 1, 2, 3, 4, 5, 6, 7,
+                                 draw(st.sampled_from([1, 2, 4, 5, 300]))))
+    return flows
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(mixed_expired())
+def test_c_group_expired_equals_python(flows):
+    """Same groups, in the same order, same flows in each in the same
+    order, same counts by end reason."""
+    c_groups, c_reasons = C.group_expired(flows)
+    py_groups, py_reasons = group_expired(flows)
+    assert list(c_groups.items()) == list(py_groups.items())
+    assert c_reasons == py_reasons
 
 
 @needs_c

@@ -4,18 +4,23 @@ asserts nothing about speed.
 Parts (``--only N`` runs one):
 
 1. in-process, one core (tools/bench_inprocess.py): samples/s through
-   parse + cache, and with encode, at 1k, 100k and 1M distinct flows;
-   through the channel decoder; bytes per cached flow at 1M flows; the
-   time to expire 10k flows from caches of 10k and 1M flows;
-2. end to end (tools/bench_e2e.py): a generated 1,000,000-packet pcap
-   over 100,000 flows through ovs-ipfix-replay and ovs-ipfix-exporter to
-   a loopback collector, then flushed;
-3. beside softflowd on the same pcap in the same run (runs part 2 too);
+   parse + cache of the realistic mix (every frame kind, heavy-tailed
+   flow sizes, 100k flows, 1M packets: the headline), on the C path and
+   in pure Python; then plain IPv4 at 1k, 100k and 1M distinct flows,
+   with encode too; through the channel decoder; bytes per cached flow
+   at 1M flows; the time to expire 10k flows from caches of 10k and 1M
+   flows;
+2. end to end (tools/bench_e2e.py): generated 1,000,000-packet pcaps
+   over 100,000 flows (the realistic mix, then plain IPv4) through
+   ovs-ipfix-replay and ovs-ipfix-exporter to a loopback collector, then
+   flushed;
+3. beside softflowd on the same pcaps in the same run (runs part 2 too);
 4. reconcile latency (tools/reconcile_latency.py, daemon mode).
 
 ``--quick`` runs everything at small sizes (seconds), for the smoke
 test; its figures are not judged against the targets.  Each row carries
-the figure, its target (from issues 2 and 5) and whether it is met,
+the figure, its target (from issues 2, 5, 10 and 11) and whether it is
+met,
 then the command that produced it.
 """
 

@@ -20,8 +20,7 @@ Parts (``--only N`` runs one):
 ``--quick`` runs everything at small sizes (seconds), for the smoke
 test; its figures are not judged against the targets.  Each row carries
 the figure, its target (from issues 2, 5, 10 and 11) and whether it is
-met,
-then the command that produced it.
+met, then the command that produced it.
 """
 
 from __future__ import annotations

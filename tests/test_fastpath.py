@@ -39,7 +39,12 @@ from ovs_ipfix_py.exporter import (
     pack_records,
 )
 from ovs_ipfix_py.flowcache import U64_MAX, ExpiredFlow
-from ovs_ipfix_py.options import UINT32_MAX, CacheOptions
+from ovs_ipfix_py.options import (
+    UINT32_MAX,
+    CacheOptions,
+    ExportOptions,
+    FlowExporterOptions,
+)
 from ovs_ipfix_py.templates import EGRESS, INGRESS
 from ovs_ipfix_py.upcall import BridgeSample, FlowSample
 
@@ -252,6 +257,22 @@ IFACES = st.sampled_from([
 TUNNEL_PARTS = st.sampled_from([
     b"", interfaces.tunnel_part(PORTS[2], TUNNEL),
     interfaces.tunnel_part(PORTS[2], TUNNEL_V6)])
+
+
+@needs_c
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(samples().filter(
+    lambda s: type(s) is FlowSample), max_size=20), min_size=1, max_size=3),
+       st.sampled_from([1, 1000]))
+def test_flow_exporter_c_equals_python(batches, max_flows):
+    """A flow exporter (Flow_Sample_Collector_Set) takes its flow
+    samples through the same C loop: the three paths agree."""
+    opts = FlowExporterOptions("br0", 5, ExportOptions(
+        cache=CacheOptions(3600, max_flows)))
+    fed = [(1.0 + i, batch) for i, batch in enumerate(batches)]
+    c_state, py_state, gen_state = run_three(fed, opts)
+    assert c_state == py_state == gen_state
 
 
 @needs_c

@@ -750,8 +750,8 @@ fi_remove_bucket(FlowIndex *fi, size_t i)
 static int
 fi_check_key(PyObject *key, Py_hash_t *h)
 {
-    if (!PyBytes_Check(key)) {
-        PyErr_SetString(PyExc_TypeError, "FlowIndex keys are bytes");
+    if (!PyBytes_CheckExact(key)) {
+        PyErr_SetString(PyExc_TypeError, "FlowIndex keys are bytes (not a subclass)");
         return -1;
     }
     *h = PyObject_Hash(key);
@@ -806,7 +806,7 @@ FlowIndex_getitem(FlowIndex *fi, PyObject *key)
     Py_hash_t h;
     Py_ssize_t b;
 
-    if (!PyBytes_Check(key)) {
+    if (!PyBytes_CheckExact(key)) {
         PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
     }
@@ -884,7 +884,7 @@ FlowIndex_contains(FlowIndex *fi, PyObject *key)
 {
     Py_hash_t h;
 
-    if (!PyBytes_Check(key)) {
+    if (!PyBytes_CheckExact(key)) {
         return 0;
     }
     h = PyObject_Hash(key);
@@ -905,7 +905,7 @@ FlowIndex_get(FlowIndex *fi, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "get(key[, default])");
         return NULL;
     }
-    if (!PyBytes_Check(args[0])) {
+    if (!PyBytes_CheckExact(args[0])) {
         return new_ref(dflt);
     }
     h = PyObject_Hash(args[0]);
@@ -930,7 +930,7 @@ FlowIndex_pop(FlowIndex *fi, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     b = -1;
-    if (PyBytes_Check(args[0])) {
+    if (PyBytes_CheckExact(args[0])) {
         h = PyObject_Hash(args[0]);
         if (h == -1) {
             return NULL;

@@ -560,62 +560,56 @@ class ConfigReader:
         return default
 
     @staticmethod
-    def _max_message_size(row, where: str, reading: _Reading) -> int:
-        value = row.other_config.get("max-message-size")
+    def _uint_option(row, key: str, unit: str, default: int, lo: int,
+                     hi: int, clamp: bool, where: str,
+                     reading: _Reading, zero: str = "") -> int:
+        """other_config:``key``, a whole number of ``unit`` in lo..hi.
+
+        Absent: ``default``.  Not a whole number: ``default``, logged.
+        Out of range: the nearest bound when ``clamp``, else ``default``,
+        logged.  Each problem is logged once per row and key; ``zero``
+        names what 0 means, for the log ("off").
+        """
+        def says(n: int) -> str:
+            return f"{n} ({zero})" if zero and n == 0 else str(n)
+
+        value = row.other_config.get(key)
         if value is None:
-            return DEFAULT_MAX_MESSAGE_SIZE
-        key = f"{where} max-message-size"
+            return default
         text = value.strip()
         if not (text.isascii() and text.isdigit()):
-            reading.warn(key, f"{where}: IPFIX other_config:max-message-size"
-                         f"={value!r} is not a number of bytes, using "
-                         f"{DEFAULT_MAX_MESSAGE_SIZE}")
-            return DEFAULT_MAX_MESSAGE_SIZE
-        size = int(text)
-        clamped = min(max(size, MIN_MAX_MESSAGE_SIZE), MAX_MAX_MESSAGE_SIZE)
-        if clamped != size:
-            reading.warn(key, f"{where}: IPFIX other_config:max-message-size"
-                         f"={size} is out of range {MIN_MAX_MESSAGE_SIZE}.."
-                         f"{MAX_MAX_MESSAGE_SIZE}, using {clamped}")
-        return clamped
+            reading.warn(f"{where} {key}",
+                         f"{where}: IPFIX other_config:{key}={value!r} is "
+                         f"not a number of {unit}, using {says(default)}")
+            return default
+        number = int(text)
+        if lo <= number <= hi:
+            return number
+        use = min(max(number, lo), hi) if clamp else default
+        reading.warn(f"{where} {key}",
+                     f"{where}: IPFIX other_config:{key}={number} is out "
+                     f"of range {lo}..{hi}, using {says(use)}")
+        return use
 
-    @staticmethod
-    def _buffer_size(row, where: str, reading: _Reading) -> int:
+    def _max_message_size(self, row, where: str, reading: _Reading) -> int:
+        """other_config:max-message-size, bytes, clamped to 512..65535."""
+        return self._uint_option(
+            row, "max-message-size", "bytes", DEFAULT_MAX_MESSAGE_SIZE,
+            MIN_MAX_MESSAGE_SIZE, MAX_MAX_MESSAGE_SIZE, True, where, reading)
+
+    def _buffer_size(self, row, where: str, reading: _Reading) -> int:
         """other_config:collector-buffer-size, bytes (0 to 1 GiB)."""
-        value = row.other_config.get("collector-buffer-size")
-        if value is None:
-            return DEFAULT_COLLECTOR_BUFFER_SIZE
-        key = f"{where} collector-buffer-size"
-        text = value.strip()
-        if not (text.isascii() and text.isdigit()):
-            reading.warn(key, f"{where}: IPFIX other_config:collector-"
-                         f"buffer-size={value!r} is not a number of bytes, "
-                         f"using {DEFAULT_COLLECTOR_BUFFER_SIZE}")
-            return DEFAULT_COLLECTOR_BUFFER_SIZE
-        size = int(text)
-        if size > MAX_COLLECTOR_BUFFER_SIZE:
-            reading.warn(key, f"{where}: IPFIX other_config:collector-"
-                         f"buffer-size={size} is over "
-                         f"{MAX_COLLECTOR_BUFFER_SIZE}, using it")
-            return MAX_COLLECTOR_BUFFER_SIZE
-        return size
+        return self._uint_option(
+            row, "collector-buffer-size", "bytes",
+            DEFAULT_COLLECTOR_BUFFER_SIZE, 0, MAX_COLLECTOR_BUFFER_SIZE,
+            True, where, reading)
 
-    @staticmethod
-    def _idle_timeout(row, where: str, reading: _Reading) -> int:
+    def _idle_timeout(self, row, where: str, reading: _Reading) -> int:
         """other_config:cache-idle-timeout (s): 0 (off) when absent or
         bad (not a whole number, negative, over MAX_IDLE_TIMEOUT)."""
-        value = row.other_config.get("cache-idle-timeout")
-        if value is None:
-            return 0
-        text = value.strip()
-        if text.isascii() and text.isdigit() \
-                and int(text) <= MAX_IDLE_TIMEOUT:
-            return int(text)
-        reading.warn(f"{where} cache-idle-timeout",
-                     f"{where}: IPFIX other_config:cache-idle-timeout="
-                     f"{value!r} is not a number of seconds in 0.."
-                     f"{MAX_IDLE_TIMEOUT}, using 0 (off)")
-        return 0
+        return self._uint_option(
+            row, "cache-idle-timeout", "seconds", 0, 0, MAX_IDLE_TIMEOUT,
+            False, where, reading, zero="off")
 
     @staticmethod
     def _virtual_obs_id(row, where: str,

@@ -375,16 +375,10 @@ class FlowCache:
             return
         order = self.order
         while order:
-            key = order[0]
-            n = stale.get(key)
-            if not n:
+            if not _skip_stale(stale, order[0]):
                 return
             order.popleft()
             self._n_order_stale -= 1
-            if n == 1:
-                del stale[key]
-            else:
-                stale[key] = n - 1
 
     def _compact_order(self) -> None:
         """The FIFO without its stale entries: one pass, paid for by
@@ -393,13 +387,7 @@ class FlowCache:
         kept = deque()
         keep = kept.append
         for key in self.order:
-            n = stale.get(key)
-            if n:
-                if n == 1:
-                    del stale[key]
-                else:
-                    stale[key] = n - 1
-            else:
+            if not _skip_stale(stale, key):
                 keep(key)
         # In place: callers may hold the deque (or its append).
         self.order.clear()
@@ -473,14 +461,8 @@ class FlowCache:
             if keys is self._idle_tail:
                 self._idle_tail = self._idle_tail_b = None
             for key in keys:
-                if stale:
-                    k = stale.get(key)
-                    if k:
-                        if k == 1:
-                            del stale[key]
-                        else:
-                            stale[key] = k - 1
-                        continue
+                if stale and _skip_stale(stale, key):
+                    continue
                 slot = index.get(key)
                 if slot is None:
                     continue    # only if the clock went back
@@ -572,3 +554,16 @@ class FlowCache:
 
 def _bump(counts: dict, key) -> None:
     counts[key] = counts.get(key, 0) + 1
+
+
+def _skip_stale(stale: dict, key) -> bool:
+    """True when ``key`` has a stale entry to skip; that one is used
+    up (the count is decremented, the key dropped at 0)."""
+    n = stale.get(key)
+    if not n:
+        return False
+    if n == 1:
+        del stale[key]
+    else:
+        stale[key] = n - 1
+    return True

@@ -511,14 +511,7 @@ class FlowCache:
         if not stale:
             return list(self.order)
         left = dict(stale)
-        out = []
-        for key in self.order:
-            n = left.get(key)
-            if n:
-                left[key] = n - 1
-            else:
-                out.append(key)
-        return out
+        return [key for key in self.order if not _skip_stale(left, key)]
 
     def _reset_slots(self) -> None:
         # An empty cache reuses its slots from the start, which keeps

@@ -571,14 +571,19 @@ fi_hash32(Py_hash_t h)
     return (uint32_t) (x ^ (x >> 32));
 }
 
+/* A key's home bucket comes from the 32 hash bits its bucket keeps, so
+ * that growing the table and shifting entries back after a removal
+ * never read a key (at 1M flows each read would be a cache miss). */
+static inline size_t
+fi_home32(const FlowIndex *fi, uint32_t h32)
+{
+    return (size_t) h32 & fi->mask;
+}
+
 static inline size_t
 fi_home(const FlowIndex *fi, Py_hash_t h)
 {
-    /* Python's bytes hash is well mixed in its low bits too; fold the
-     * high ones in all the same. */
-    uint64_t x = (uint64_t) h;
-
-    return (size_t) ((x ^ (x >> 29)) & fi->mask);
+    return fi_home32(fi, fi_hash32(h));
 }
 
 static inline int
@@ -637,15 +642,12 @@ fi_resize(FlowIndex *fi, size_t n)
     fi->mask = n - 1;
     for (size_t j = 0; j < old_n; j++) {
         uint64_t b = old[j];
-        PyObject *k;
         size_t i;
 
         if (!b) {
             continue;
         }
-        k = fi->keys[(b & 0xFFFFFFFFu) - 1];
-        /* bytes cache their hash: no rehashing work */
-        i = fi_home(fi, PyObject_Hash(k));
+        i = fi_home32(fi, (uint32_t) (b >> 32));
         while (nb[i]) {
             i = (i + 1) & fi->mask;
         }
@@ -735,7 +737,7 @@ fi_remove_bucket(FlowIndex *fi, size_t i)
         if (!b) {
             break;
         }
-        home = fi_home(fi, PyObject_Hash(fi->keys[(b & 0xFFFFFFFFu) - 1]));
+        home = fi_home32(fi, (uint32_t) (b >> 32));
         /* Move b back to i unless its home lies cyclically in (i, j]. */
         if ((j > i && (home <= i || home > j))
             || (j < i && (home <= i && home > j))) {

@@ -259,7 +259,7 @@ class FlowCache:
         index[key] = slot
         self.order.append(key)
         if self.idle_timeout:
-            # (bridge_batch in _fastpath.c does the same when the
+            # (sample_batch in _fastpath.c does the same when the
             # bucket is the tail, else calls here.)
             b = math.ceil((now + self.idle_timeout) / IDLE_STEP)
             if b == self._idle_tail_b:
@@ -309,7 +309,7 @@ class FlowCache:
         self._idle_buckets = {}   # bucket -> [key] (deadline bucket*STEP)
         self._idle_heap = []      # the buckets' numbers
         self._idle_stale = {}     # key -> its wheel entries to skip
-        # The bucket new flows go to now (bridge_batch appends to it).
+        # The bucket new flows go to now (sample_batch appends to it).
         self._idle_tail = None
         self._idle_tail_b = None
         self._ending = deque()    # (deadline, key) in deadline order

@@ -9,21 +9,35 @@
  *
  * - decode_hits(): the channel decoder's loop over upcalls whose
  *   metadata it has seen before (upcall._decode's cache-hit branch).
- * - bridge_batch(): plain IPv4 bridge samples into the flow cache
- *   (Exporter.sample_bridge_batch's fast path): the key built from
- *   slices of the frame, looked up in the cache's index (a Python dict),
- *   the flow's aggregates updated in the cache's typed arrays.  A new
+ * - sample_batch(): bridge and flow samples into the flow cache
+ *   (Exporter.sample_batch): the key of every frame kind packet.parse
+ *   reads (Ethernet, 802.1Q/802.1ad and an inner tag, 802.3 and runt
+ *   frames, IPv4 with options and fragments, IPv6 with extension
+ *   headers, TCP/UDP/SCTP/ICMP/ICMPv6, cut frames) built in C,
+ *   looked up in the cache's index (a FlowIndex or a dict), the flow's
+ *   aggregates updated in the cache's typed arrays, the statistics
+ *   counted as Exporter.sample_bridge/sample_flow count them.  A new
  *   flow is inserted here when that is all there is to it (a free slot,
  *   no expiry); otherwise it goes to FlowCache._insert, so growth and
- *   max_flows expiry stay in flowcache.py.  At the first sample it does
- *   not take (anything but plain IPv4 TCP/UDP/SCTP/ICMP, an unsampled
- *   direction, an object of an unexpected type) it stops and says
- *   where: the caller hands that sample to the general path and calls
- *   again, so samples are aggregated in order.  With the cache's
- *   tcp_end_of_flow on, TCP samples carrying FIN or RST are not taken
- *   either: marking a flow's end stays in flowcache.py alone.
+ *   max_flows expiry stay in flowcache.py.  The interface and tunnel
+ *   parts of the key and the template ids come from Python
+ *   (Exporter._c_params), so the key's layout is decided there.  At the
+ *   first sample it does not take (values out of range, an object of
+ *   another type) it stops and says where: the caller hands that sample
+ *   to the general path and calls again, so samples are aggregated in
+ *   order.  With the cache's tcp_end_of_flow on, TCP samples carrying
+ *   FIN or RST are not taken either: marking a flow's end stays in
+ *   flowcache.py alone.
+ * - FlowIndex: the flow cache's index as an open-addressing table
+ *   (keys inline by slot), replacing its dict where this is built.
+ * - parse_key(): the key builder alone, checked against packet.parse.
+ * - one_source(): the daemon's dispatch when all upcalls of a datagram
+ *   come from one source (the usual case).
+ * - pcap_datagram(): ovs-ipfix-replay's loop, classic pcap records to
+ *   upcall datagrams as upcall.FrameBatcher builds them.
  * - expired_flows(): FlowCache.flush's ExpiredFlow records.
  * - pack_records(): exporter.pack_records, data records of one template.
+ * - group_expired(): exporter.group_expired, expired flows by template.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -31,48 +45,14 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 
-#define ETH_HEADER_LEN 14
-#define MIN_FRAME_LEN 42        /* Ethernet + IPv4 + 8 bytes of L4 */
-/* Room for the longest key: 20 bytes of head, two interface parts of
- * 4 + 4 + (1 + 64) + (1 + 128) bytes (OVS's name and description
- * limits), IPv4 and L4 fields. */
-#define KEY_MAX 1024
 #define UINT32_MAX_ULL 0xFFFFFFFFULL
 /* BFD control and echo (RFC 5881, 5883): OVS never samples them. */
 #define BFD_PORT 3784
 #define BFD_ECHO_PORT 3785
 /* FIN | RST (flowcache.TCP_END_FLAGS). */
 #define TCP_END_FLAGS 0x05
-
-/* The fast path's per-protocol key pieces for one port pair, as
- * exporter.Exporter._fast_heads() builds them: (head, mid, end of the
- * key's L4 slice in the frame, is TCP, IP packet bytes needed). */
-struct proto_head {
-    const char *head;
-    Py_ssize_t head_len;
-    const char *mid;
-    Py_ssize_t mid_len;
-    Py_ssize_t l4_end;
-    int is_tcp;
-    unsigned long need;
-    int valid;
-};
-
-/* Protocols with a fast path: TCP, UDP, SCTP, ICMP. */
-static const int fast_protos[4] = {6, 17, 132, 1};
-
-static int
-proto_slot(unsigned char proto)
-{
-    switch (proto) {
-    case 6: return 0;
-    case 17: return 1;
-    case 132: return 2;
-    case 1: return 3;
-    default: return -1;
-    }
-}
 
 /* The cache's three arrays (flowcache.FlowCache.times, .counters,
  * .small: typed memoryviews), held as buffers.  They are released around
@@ -172,179 +152,1186 @@ sat_add(uint64_t *p, uint64_t v)
     uint64_t r;
     *p = __builtin_add_overflow(*p, v, &r) ? UINT64_MAX : r;
 }
+/* ------------------------------------------------------------ samples */
 
-/* Fills table[] from heads, the dict {IP protocol: (head, mid, l4_end,
- * is_tcp, need)} returned by heads_for.  Borrowed pointers: the caller
- * holds a reference to heads. */
-static int
-load_heads(PyObject *heads, struct proto_head table[4])
+static inline uint32_t
+get_u32(const unsigned char *p)
 {
-    for (int i = 0; i < 4; i++) {
-        struct proto_head *ph = &table[i];
-        PyObject *proto = PyLong_FromLong(fast_protos[i]);
-        PyObject *t;
+    return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16
+           | (uint32_t) p[2] << 8 | p[3];
+}
 
-        ph->valid = 0;
-        if (!proto) {
-            return -1;
+static inline uint16_t
+get_u16(const unsigned char *p)
+{
+    return (uint16_t) (p[0] << 8 | p[1]);
+}
+
+static inline unsigned char *
+put_u32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char) (v >> 24);
+    p[1] = (unsigned char) (v >> 16);
+    p[2] = (unsigned char) (v >> 8);
+    p[3] = (unsigned char) v;
+    return p + 4;
+}
+
+/* packet.py's constants (OVS's enum ipfix_sampled_packet_type; the
+ * layouts of templates.py). */
+enum { K_OTHER, K_IPV4_OK, K_IPV6_OK, K_IPV4_ERR, K_IPV6_ERR };
+enum { L2_ETH, L2_VLAN };
+enum { L3_NONE, L3_IPV4, L3_IPV6 };
+enum { L4_NONE, L4_TCP, L4_UDP, L4_SCTP, L4_ICMP };
+#define N_LAYOUTS 60            /* 2 L2 x 3 L3 x 5 L4 x 2 directions */
+/* The template table: N_LAYOUTS untunnelled, then N_LAYOUTS tunnelled. */
+#define N_TIDS (2 * N_LAYOUTS)
+
+#define ETH_TYPE_IP 0x0800
+#define ETH_TYPE_IPV6 0x86DD
+#define ETH_TYPE_VLAN 0x8100
+#define ETH_TYPE_VLAN_8021AD 0x88A8
+#define ETH_TYPE_NONE 0x05FF
+#define ETH_TYPE_MIN 0x0600
+
+/* What parse() says besides the key bytes. */
+struct parsed {
+    int layout;                 /* ((l2 * 3 + l3) * 5 + l4) * 2 + dir */
+    int kind;
+    int is_ip;
+    int eth_header_len;
+    int udp_dst_port;           /* -1 unless a UDP header was read */
+    uint32_t tcp_flags;
+};
+
+/* Bytes of L4 header OVS's flow_extract() needs (packet._L4_HEADER_LEN);
+ * 0: no L4 part for this IP protocol in this IP version. */
+static inline int
+l4_of(int proto, int v6, int *hlen)
+{
+    switch (proto) {
+    case 6: *hlen = 20; return L4_TCP;
+    case 17: *hlen = 8; return L4_UDP;
+    case 132: *hlen = 12; return L4_SCTP;
+    case 1: *hlen = 8; return v6 ? L4_NONE : L4_ICMP;
+    case 58: *hlen = 8; return v6 ? L4_ICMP : L4_NONE;
+    default: *hlen = 0; return L4_NONE;
+    }
+}
+
+/* packet._l4: ports or ICMP type and code, read only when the whole L4
+ * header lies before end (the end of the IP packet). */
+static unsigned char *
+put_l4(unsigned char *p, const unsigned char *f, Py_ssize_t off,
+       Py_ssize_t end, int proto, int l4, int hlen, int later,
+       struct parsed *r)
+{
+    if (later || end < off + hlen) {
+        memset(p, 0, l4 == L4_ICMP ? 2 : 4);
+        return p + (l4 == L4_ICMP ? 2 : 4);
+    }
+    if (l4 == L4_ICMP) {
+        memcpy(p, f + off, 2);
+        return p + 2;
+    }
+    memcpy(p, f + off, 4);
+    if (proto == 17) {
+        r->udp_dst_port = f[off + 2] << 8 | f[off + 3];
+    } else if (proto == 6) {
+        r->tcp_flags = (uint32_t) (f[off + 12] & 0x0F) << 8 | f[off + 13];
+    }
+    return p + 4;
+}
+
+static inline unsigned char *
+put_tos(unsigned char *p, unsigned int tos)
+{
+    /* ipDiffServCodePoint, ipPrecedence, ipClassOfService
+     * (packet.TOS_FIELDS) */
+    p[0] = (unsigned char) (tos >> 2);
+    p[1] = (unsigned char) (tos >> 5);
+    p[2] = (unsigned char) tos;
+    return p + 3;
+}
+
+/* packet._ipv4: the L3 and L4 parts; returns the L4 layout. */
+static unsigned char *
+put_ipv4(unsigned char *p, const unsigned char *f, Py_ssize_t ip,
+         Py_ssize_t n, struct parsed *r, int *l4out)
+{
+    if (n >= ip + 20 && f[ip] >> 4 == 4) {
+        Py_ssize_t ihl = (f[ip] & 0x0F) * 4;
+
+        if (ihl >= 20 && n >= ip + ihl) {
+            int proto = f[ip + 9], hlen, l4;
+            int later = (f[ip + 6] & 0x1F) || f[ip + 7];
+            /* L4 ends with the IP packet, not with the frame's padding. */
+            Py_ssize_t end = ip + (f[ip + 2] << 8 | f[ip + 3]);
+
+            if (end > n) {
+                end = n;
+            }
+            *p++ = 4;
+            *p++ = f[ip + 8];
+            *p++ = (unsigned char) proto;
+            p = put_tos(p, f[ip + 1]);
+            memcpy(p, f + ip + 12, 8);
+            p += 8;
+            l4 = l4_of(proto, 0, &hlen);
+            *l4out = l4;
+            if (l4 == L4_NONE) {
+                r->kind = K_IPV4_ERR;   /* as OVS: no known L4 */
+                return p;
+            }
+            r->kind = K_IPV4_OK;
+            return put_l4(p, f, ip + ihl, end, proto, l4, hlen, later, r);
         }
-        t = PyDict_GetItemWithError(heads, proto);
-        Py_DECREF(proto);
-        if (!t) {
-            if (PyErr_Occurred()) {
-                return -1;
+    }
+    /* Header unreadable: OVS's flow_extract() leaves every field 0. */
+    *p++ = 4;
+    memset(p, 0, 5 + 8);
+    *l4out = L4_NONE;
+    r->kind = K_IPV4_ERR;
+    return p + 5 + 8;
+}
+
+/* packet._ipv6: the L3 and L4 parts, extension headers walked. */
+static unsigned char *
+put_ipv6(unsigned char *p, const unsigned char *f, Py_ssize_t ip,
+         Py_ssize_t n, struct parsed *r, int *l4out)
+{
+    uint32_t word;
+    int nh, later = 0, ok = 1, hlen, l4;
+    Py_ssize_t off, end;
+
+    *l4out = L4_NONE;
+    r->kind = K_IPV6_ERR;
+    if (n < ip + 40 || f[ip] >> 4 != 6) {
+        *p++ = 6;
+        memset(p, 0, 5 + 16 + 16 + 4);
+        return p + 5 + 16 + 16 + 4;
+    }
+    word = get_u32(f + ip);
+    nh = f[ip + 6];
+    off = ip + 40;
+    /* Extension headers and L4 end with the payload length. */
+    end = off + (f[ip + 4] << 8 | f[ip + 5]);
+    if (end > n) {
+        end = n;
+    }
+    /* hop-by-hop, routing, fragment, destination options, AH */
+    while (nh == 0 || nh == 43 || nh == 44 || nh == 60 || nh == 51) {
+        if (end < off + 8) {
+            ok = 0;
+            break;
+        }
+        if (nh == 44) {
+            int frag_offset = (f[off + 2] << 8 | f[off + 3]) >> 3;
+
+            nh = f[off];
+            off += 8;
+            if (frag_offset) {
+                later = 1;
+                break;
             }
             continue;
         }
-        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 5
-            || !PyBytes_Check(PyTuple_GET_ITEM(t, 0))
-            || !PyBytes_Check(PyTuple_GET_ITEM(t, 1))) {
-            PyErr_SetString(PyExc_TypeError, "bad fast-path heads entry");
-            return -1;
+        {
+            Py_ssize_t length = nh == 51 ? (f[off + 1] + 2) * 4
+                                         : (f[off + 1] + 1) * 8;
+            nh = f[off];
+            off += length;
         }
-        ph->head = PyBytes_AS_STRING(PyTuple_GET_ITEM(t, 0));
-        ph->head_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(t, 0));
-        ph->mid = PyBytes_AS_STRING(PyTuple_GET_ITEM(t, 1));
-        ph->mid_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(t, 1));
-        ph->l4_end = PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 2));
-        ph->is_tcp = PyObject_IsTrue(PyTuple_GET_ITEM(t, 3));
-        ph->need = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(t, 4));
-        if (PyErr_Occurred() || ph->is_tcp < 0) {
-            return -1;
-        }
-        if (ph->l4_end < 26 || ph->l4_end > MIN_FRAME_LEN
-            || ph->head_len + ph->mid_len + 19 + ph->l4_end - 26
-               > KEY_MAX) {
-            PyErr_SetString(PyExc_ValueError, "fast-path heads too long");
-            return -1;
-        }
-        ph->valid = 1;
     }
+    *p++ = 6;
+    *p++ = f[ip + 7];
+    *p++ = (unsigned char) nh;
+    p = put_tos(p, (word >> 20) & 0xFF);
+    memcpy(p, f + ip + 8, 32);
+    p += 32;
+    p = put_u32(p, word & 0xFFFFF);
+    l4 = ok ? l4_of(nh, 1, &hlen) : L4_NONE;
+    *l4out = l4;
+    if (l4 == L4_NONE) {
+        return p;
+    }
+    r->kind = K_IPV6_OK;
+    return put_l4(p, f, off, end, nh, l4, hlen, later, r);
+}
+
+/* Longest interface part (port pair blob) a key may carry. */
+#define PORTS_MAX 512
+/* Longest tunnel part (interfaces.tunnel_part: 15 bytes and the
+ * variable-length tunnelKey). */
+#define TUNNEL_MAX 128
+/* The rest of the longest key: prefix 11, MACs, type and length 15,
+ * VLAN 5, IPv6 42, L4 4. */
+#define KEY_MAX (PORTS_MAX + TUNNEL_MAX + 11 + 15 + 5 + 42 + 4)
+
+/* packet.parse with the cache's key prefix in front: writes
+ * KEY_PREFIX(domain, template id) + the encoded key into key[] and
+ * returns its length.  The template id comes from tids (N_TIDS
+ * big-endian u16: by layout, then the same tunnelled), the interface
+ * part is iface[0:iface_len] and the tunnel part (after L4; none when
+ * tunnel_len is 0) tunnel[0:tunnel_len], both as Python built them.
+ * Never fails. */
+static Py_ssize_t
+build_key(unsigned char *key, const unsigned char *f, Py_ssize_t n,
+          uint32_t domain, uint32_t point, int dir,
+          const char *ports, Py_ssize_t ports_len,
+          const char *tunnel, Py_ssize_t tunnel_len,
+          const unsigned char *tids, struct parsed *r)
+{
+    unsigned char runt[14];
+    unsigned char *p = key;
+    unsigned int etype, tci = 0;
+    Py_ssize_t off = 14;
+    int l2 = L2_ETH, l3 = L3_NONE, l4 = L4_NONE, tid_i;
+
+    if (n < 14) {
+        /* A runt: the MAC bytes there are, the rest 0, ethernetType
+         * "none" (it has no type field). */
+        memset(runt, 0, sizeof runt);
+        memcpy(runt, f, n < 12 ? n : 12);
+        runt[12] = 0x05;
+        runt[13] = 0xFF;
+        f = runt;
+        n = 14;
+    }
+    etype = get_u16(f + 12);
+    if ((etype == ETH_TYPE_VLAN || etype == ETH_TYPE_VLAN_8021AD)
+        && n >= 18) {
+        tci = get_u16(f + 14);
+        l2 = L2_VLAN;
+        etype = get_u16(f + 16);
+        off = 18;
+        if (etype == ETH_TYPE_VLAN && n >= 22) {
+            etype = get_u16(f + 20);
+            off = 22;
+        }
+    }
+    if (etype < ETH_TYPE_MIN) {
+        etype = ETH_TYPE_NONE;
+    }
+    r->eth_header_len = (int) off;
+    r->udp_dst_port = -1;
+    r->tcp_flags = 0;
+    r->kind = K_OTHER;
+
+    p = put_u32(p, domain);
+    p += 2;                         /* template id, once known */
+    p = put_u32(p, point);
+    *p++ = (unsigned char) dir;
+    memcpy(p, f + 6, 6);
+    memcpy(p + 6, f, 6);
+    p += 12;
+    *p++ = (unsigned char) (etype >> 8);
+    *p++ = (unsigned char) etype;
+    *p++ = (unsigned char) off;
+    memcpy(p, ports, ports_len);
+    p += ports_len;
+    if (l2 == L2_VLAN) {
+        unsigned int vid = tci & 0x0FFF;
+
+        /* vlanId, dot1qVlanId, dot1qPriority */
+        *p++ = (unsigned char) (vid >> 8);
+        *p++ = (unsigned char) vid;
+        *p++ = (unsigned char) (vid >> 8);
+        *p++ = (unsigned char) vid;
+        *p++ = (unsigned char) (tci >> 13);
+    }
+    if (etype == ETH_TYPE_IP) {
+        l3 = L3_IPV4;
+        p = put_ipv4(p, f, off, n, r, &l4);
+    } else if (etype == ETH_TYPE_IPV6) {
+        l3 = L3_IPV6;
+        p = put_ipv6(p, f, off, n, r, &l4);
+    }
+    memcpy(p, tunnel, tunnel_len);
+    p += tunnel_len;
+    r->is_ip = l3 != L3_NONE;
+    tid_i = ((l2 * 3 + l3) * 5 + l4) * 2 + dir
+            + (tunnel_len ? N_LAYOUTS : 0);
+    r->layout = tid_i;
+    key[4] = tids[2 * tid_i];
+    key[5] = tids[2 * tid_i + 1];
+    return p - key;
+}
+
+PyDoc_STRVAR(parse_key_doc,
+"parse_key(frame, domain, point, direction, iface, tunnel, tids)\n"
+"    -> (key, eth_header_len, is_ip, tcp_flags, kind, udp_dst_port)\n"
+"\n"
+"The key builder of sample_batch on its own, for the tests: packet.parse\n"
+"of frame (bytes) with KEY_PREFIX(domain, template id) in front; iface\n"
+"and tunnel are the key's interface and tunnel parts (b\"\": none), tids\n"
+"the template ids by layout.");
+
+static PyObject *
+parse_key(PyObject *self, PyObject *args)
+{
+    Py_buffer frame, ports, tunnel, tids;
+    unsigned long domain, point;
+    int dir;
+    unsigned char key[KEY_MAX];
+    struct parsed r;
+    Py_ssize_t k;
+    PyObject *res = NULL;
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "y*kkiy*y*y*:parse_key", &frame, &domain,
+                          &point, &dir, &ports, &tunnel, &tids)) {
+        return NULL;
+    }
+    if (ports.len > PORTS_MAX || tunnel.len > TUNNEL_MAX
+        || tids.len != 2 * N_TIDS || (dir != 0 && dir != 1)
+        || domain > 0xFFFFFFFFUL || point > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_ValueError, "parse_key: bad argument");
+    } else {
+        k = build_key(key, frame.buf, frame.len, (uint32_t) domain,
+                      (uint32_t) point, dir, ports.buf, ports.len,
+                      tunnel.buf, tunnel.len, tids.buf, &r);
+        res = Py_BuildValue("y#iOIii", (const char *) key, k,
+                            r.eth_header_len, r.is_ip ? Py_True : Py_False,
+                            (unsigned int) r.tcp_flags, r.kind,
+                            r.udp_dst_port);
+    }
+    PyBuffer_Release(&frame);
+    PyBuffer_Release(&ports);
+    PyBuffer_Release(&tunnel);
+    PyBuffer_Release(&tids);
+    return res;
+}
+
+/* ------------------------------------------------------------ the index */
+
+/* FlowIndex: flowcache.FlowCache's index (encoded key -> slot) as an
+ * open-addressing table, used instead of a dict where this module is
+ * built.  A bucket holds 32 bits of the key's hash and its slot + 1 (0:
+ * empty), 8 bytes; the keys themselves (bytes objects, shared with the
+ * cache's order) are held by slot.  Against a dict it saves the
+ * per-flow slot int (32 bytes), the dict's entry (24 bytes) and most of
+ * its index, and a lookup touches one bucket line, the slot's key
+ * pointer and the key instead of the dict's index, entry, key and int.
+ * Linear probing, at most 5/8 full, deletion by backward shift (no
+ * tombstones).  As a mapping it behaves as the dict it replaces for
+ * FlowCache's use: keys are bytes, slots distinct ints in 0..2^32-2. */
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t *buckets;
+    size_t mask;                /* buckets - 1 (a power of 2), or 0 */
+    Py_ssize_t used;
+    PyObject **keys;            /* by slot: owned bytes or NULL */
+    Py_ssize_t keys_cap;
+} FlowIndex;
+
+static PyTypeObject FlowIndex_Type;
+
+static inline PyObject *
+new_ref(PyObject *o)
+{
+    Py_INCREF(o);
+    return o;
+}
+
+#define FI_MIN_BUCKETS 64
+
+/* The table and the key pointers live in anonymous memory mappings, as
+ * the cache's arrays do: pages are resident once used, and an outgrown
+ * table goes back to the system at once (a heap block that size would
+ * stay in the process after free()). */
+static void *
+fi_map(size_t bytes)
+{
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+    if (p == MAP_FAILED) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    return p;
+}
+
+static void
+fi_unmap(void *p, size_t bytes)
+{
+    if (p) {
+        munmap(p, bytes);
+    }
+}
+#define FI_SLOT_MAX 0xFFFFFFFEULL
+
+static inline uint32_t
+fi_hash32(Py_hash_t h)
+{
+    uint64_t x = (uint64_t) h;
+
+    return (uint32_t) (x ^ (x >> 32));
+}
+
+/* A key's home bucket comes from the 32 hash bits its bucket keeps, so
+ * that growing the table and shifting entries back after a removal
+ * never read a key (at 1M flows each read would be a cache miss). */
+static inline size_t
+fi_home32(const FlowIndex *fi, uint32_t h32)
+{
+    return (size_t) h32 & fi->mask;
+}
+
+static inline size_t
+fi_home(const FlowIndex *fi, Py_hash_t h)
+{
+    return fi_home32(fi, fi_hash32(h));
+}
+
+static inline int
+fi_key_eq(PyObject *a, PyObject *b)
+{
+    return a == b || (PyBytes_GET_SIZE(a) == PyBytes_GET_SIZE(b)
+                      && !memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b),
+                                 PyBytes_GET_SIZE(a)));
+}
+
+/* The bucket holding key (hash h), or -1. */
+static inline Py_ssize_t
+fi_find(const FlowIndex *fi, PyObject *key, Py_hash_t h)
+{
+    size_t i;
+    uint32_t h32 = fi_hash32(h);
+
+    if (!fi->mask) {
+        return -1;
+    }
+    i = fi_home(fi, h);
+    for (;;) {
+        uint64_t b = fi->buckets[i];
+
+        if (!b) {
+            return -1;
+        }
+        if ((uint32_t) (b >> 32) == h32) {
+            PyObject *k = fi->keys[(b & 0xFFFFFFFFu) - 1];
+
+            if (fi_key_eq(k, key)) {
+                return (Py_ssize_t) i;
+            }
+        }
+        i = (i + 1) & fi->mask;
+    }
+}
+
+static inline Py_ssize_t
+fi_slot_of(const FlowIndex *fi, Py_ssize_t bucket)
+{
+    return (Py_ssize_t) (fi->buckets[bucket] & 0xFFFFFFFFu) - 1;
+}
+
+static int
+fi_resize(FlowIndex *fi, size_t n)
+{
+    uint64_t *old = fi->buckets, *nb;
+    size_t old_n = fi->mask ? fi->mask + 1 : 0;
+
+    nb = fi_map(n * sizeof *nb);        /* zero-filled */
+    if (!nb) {
+        return -1;
+    }
+    fi->buckets = nb;
+    fi->mask = n - 1;
+    for (size_t j = 0; j < old_n; j++) {
+        uint64_t b = old[j];
+        size_t i;
+
+        if (!b) {
+            continue;
+        }
+        i = fi_home32(fi, (uint32_t) (b >> 32));
+        while (nb[i]) {
+            i = (i + 1) & fi->mask;
+        }
+        nb[i] = b;
+    }
+    fi_unmap(old, old_n * sizeof *old);
     return 0;
 }
 
-/* What bridge_batch carries from one sample to the next: the last
- * probability and ports seen (by identity: the samples list keeps them
- * alive) and what was derived from them. */
-struct batch_state {
-    PyObject *heads_for;
-    PyObject *tos_fields;
-    unsigned long long default_count;
-    PyObject *last_p, *last_in, *last_out;
-    PyObject *heads;                /* owned: dict or None */
-    int tcp_end;                    /* cache.tcp_end_of_flow */
-    unsigned long long count;
-    struct proto_head table[4];
+static int
+fi_keys_reserve(FlowIndex *fi, Py_ssize_t slot)
+{
+    Py_ssize_t cap = fi->keys_cap;
+    PyObject **nk;
+
+    if (slot < cap) {
+        return 0;
+    }
+    while (cap <= slot) {
+        cap = cap ? cap * 2 : 1024;
+    }
+    nk = fi_map(cap * sizeof *nk);      /* zero-filled: all NULL */
+    if (!nk) {
+        return -1;
+    }
+    if (fi->keys_cap) {
+        memcpy(nk, fi->keys, fi->keys_cap * sizeof *nk);
+    }
+    fi_unmap(fi->keys, fi->keys_cap * sizeof *nk);
+    fi->keys = nk;
+    fi->keys_cap = cap;
+    return 0;
+}
+
+/* index[key] = slot for a key not in the index (hash h). */
+static int
+fi_insert(FlowIndex *fi, PyObject *key, Py_hash_t h, Py_ssize_t slot)
+{
+    size_t i;
+
+    if (slot < 0 || (unsigned long long) slot > FI_SLOT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "FlowIndex slot out of range");
+        return -1;
+    }
+    if (fi_keys_reserve(fi, slot) < 0) {
+        return -1;
+    }
+    if (fi->keys[slot]) {
+        PyErr_SetString(PyExc_ValueError,
+                        "FlowIndex: slot already holds another key");
+        return -1;
+    }
+    if (!fi->mask || (size_t) (fi->used + 1) * 8 > (fi->mask + 1) * 5) {
+        size_t n = fi->mask ? (fi->mask + 1) * 2 : FI_MIN_BUCKETS;
+
+        if (fi_resize(fi, n) < 0) {
+            return -1;
+        }
+    }
+    i = fi_home(fi, h);
+    while (fi->buckets[i]) {
+        i = (i + 1) & fi->mask;
+    }
+    fi->buckets[i] = (uint64_t) fi_hash32(h) << 32 | (uint64_t) (slot + 1);
+    Py_INCREF(key);
+    fi->keys[slot] = key;
+    fi->used++;
+    return 0;
+}
+
+/* Removes the entry in bucket i (backward-shift deletion). */
+static void
+fi_remove_bucket(FlowIndex *fi, size_t i)
+{
+    Py_ssize_t slot = fi_slot_of(fi, (Py_ssize_t) i);
+    PyObject *k = fi->keys[slot];
+    size_t j = i;
+
+    fi->keys[slot] = NULL;
+    fi->used--;
+    for (;;) {
+        uint64_t b;
+        size_t home;
+
+        j = (j + 1) & fi->mask;
+        b = fi->buckets[j];
+        if (!b) {
+            break;
+        }
+        home = fi_home32(fi, (uint32_t) (b >> 32));
+        /* Move b back to i unless its home lies cyclically in (i, j]. */
+        if ((j > i && (home <= i || home > j))
+            || (j < i && (home <= i && home > j))) {
+            fi->buckets[i] = b;
+            i = j;
+        }
+    }
+    fi->buckets[i] = 0;
+    Py_DECREF(k);
+}
+
+static int
+fi_check_key(PyObject *key, Py_hash_t *h)
+{
+    if (!PyBytes_CheckExact(key)) {
+        PyErr_SetString(PyExc_TypeError, "FlowIndex keys are bytes (not a subclass)");
+        return -1;
+    }
+    *h = PyObject_Hash(key);
+    return *h == -1 ? -1 : 0;
+}
+
+static PyObject *
+FlowIndex_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    FlowIndex *fi;
+
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "FlowIndex() takes no arguments");
+        return NULL;
+    }
+    fi = (FlowIndex *) type->tp_alloc(type, 0);
+    return (PyObject *) fi;
+}
+
+static void
+fi_clear_all(FlowIndex *fi)
+{
+    for (Py_ssize_t s = 0; s < fi->keys_cap; s++) {
+        Py_CLEAR(fi->keys[s]);
+    }
+    fi_unmap(fi->keys, fi->keys_cap * sizeof *fi->keys);
+    fi_unmap(fi->buckets, fi->mask ? (fi->mask + 1) * sizeof *fi->buckets
+                                   : 0);
+    fi->keys = NULL;
+    fi->buckets = NULL;
+    fi->keys_cap = 0;
+    fi->mask = 0;
+    fi->used = 0;
+}
+
+static void
+FlowIndex_dealloc(FlowIndex *fi)
+{
+    fi_clear_all(fi);
+    Py_TYPE(fi)->tp_free((PyObject *) fi);
+}
+
+static Py_ssize_t
+FlowIndex_len(FlowIndex *fi)
+{
+    return fi->used;
+}
+
+static PyObject *
+FlowIndex_getitem(FlowIndex *fi, PyObject *key)
+{
+    Py_hash_t h;
+    Py_ssize_t b;
+
+    if (!PyBytes_CheckExact(key)) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    h = PyObject_Hash(key);
+    if (h == -1) {
+        return NULL;
+    }
+    b = fi_find(fi, key, h);
+    if (b < 0) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(fi_slot_of(fi, b));
+}
+
+static int
+FlowIndex_setitem(FlowIndex *fi, PyObject *key, PyObject *value)
+{
+    Py_hash_t h;
+    Py_ssize_t b, slot;
+
+    if (fi_check_key(key, &h) < 0) {
+        if (!value && PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetObject(PyExc_KeyError, key);
+        }
+        return -1;
+    }
+    b = fi_find(fi, key, h);
+    if (!value) {
+        if (b < 0) {
+            PyErr_SetObject(PyExc_KeyError, key);
+            return -1;
+        }
+        fi_remove_bucket(fi, (size_t) b);
+        return 0;
+    }
+    slot = PyLong_AsSsize_t(value);
+    if (slot == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (b >= 0) {
+        /* A new slot for a key already there. */
+        Py_ssize_t old = fi_slot_of(fi, b);
+        PyObject *k;
+
+        if (old == slot) {
+            return 0;
+        }
+        if (slot < 0 || (unsigned long long) slot > FI_SLOT_MAX
+            || fi_keys_reserve(fi, slot) < 0) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError,
+                                "FlowIndex slot out of range");
+            }
+            return -1;
+        }
+        if (fi->keys[slot]) {
+            PyErr_SetString(PyExc_ValueError,
+                            "FlowIndex: slot already holds another key");
+            return -1;
+        }
+        k = fi->keys[old];
+        fi->keys[old] = NULL;
+        fi->keys[slot] = k;
+        fi->buckets[b] = (fi->buckets[b] & ~(uint64_t) 0xFFFFFFFFu)
+                         | (uint64_t) (slot + 1);
+        return 0;
+    }
+    return fi_insert(fi, key, h, slot);
+}
+
+static int
+FlowIndex_contains(FlowIndex *fi, PyObject *key)
+{
+    Py_hash_t h;
+
+    if (!PyBytes_CheckExact(key)) {
+        return 0;
+    }
+    h = PyObject_Hash(key);
+    if (h == -1) {
+        return -1;
+    }
+    return fi_find(fi, key, h) >= 0;
+}
+
+static PyObject *
+FlowIndex_get(FlowIndex *fi, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_hash_t h;
+    Py_ssize_t b;
+    PyObject *dflt = nargs > 1 ? args[1] : Py_None;
+
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(key[, default])");
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(args[0])) {
+        return new_ref(dflt);
+    }
+    h = PyObject_Hash(args[0]);
+    if (h == -1) {
+        return NULL;
+    }
+    b = fi_find(fi, args[0], h);
+    if (b < 0) {
+        return new_ref(dflt);
+    }
+    return PyLong_FromSsize_t(fi_slot_of(fi, b));
+}
+
+static PyObject *
+FlowIndex_pop(FlowIndex *fi, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_hash_t h;
+    Py_ssize_t b, slot;
+
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "pop(key[, default])");
+        return NULL;
+    }
+    b = -1;
+    if (PyBytes_CheckExact(args[0])) {
+        h = PyObject_Hash(args[0]);
+        if (h == -1) {
+            return NULL;
+        }
+        b = fi_find(fi, args[0], h);
+    }
+    if (b < 0) {
+        if (nargs > 1) {
+            return new_ref(args[1]);
+        }
+        PyErr_SetObject(PyExc_KeyError, args[0]);
+        return NULL;
+    }
+    slot = fi_slot_of(fi, b);
+    fi_remove_bucket(fi, (size_t) b);
+    return PyLong_FromSsize_t(slot);
+}
+
+static PyObject *
+FlowIndex_clear(FlowIndex *fi, PyObject *unused)
+{
+    (void) unused;
+    fi_clear_all(fi);
+    Py_RETURN_NONE;
+}
+
+/* keys(), values() or items() as a list, in slot order. */
+static PyObject *
+fi_list(FlowIndex *fi, int what)
+{
+    PyObject *out = PyList_New(fi->used);
+    Py_ssize_t n = 0;
+
+    if (!out) {
+        return NULL;
+    }
+    for (Py_ssize_t s = 0; s < fi->keys_cap && n < fi->used; s++) {
+        PyObject *k = fi->keys[s], *v;
+
+        if (!k) {
+            continue;
+        }
+        if (what == 0) {
+            v = new_ref(k);
+        } else if (what == 1) {
+            v = PyLong_FromSsize_t(s);
+        } else {
+            v = Py_BuildValue("On", k, s);
+        }
+        if (!v) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, n++, v);
+    }
+    return out;
+}
+
+static PyObject *
+FlowIndex_keys(FlowIndex *fi, PyObject *unused)
+{
+    (void) unused;
+    return fi_list(fi, 0);
+}
+
+static PyObject *
+FlowIndex_values(FlowIndex *fi, PyObject *unused)
+{
+    (void) unused;
+    return fi_list(fi, 1);
+}
+
+static PyObject *
+FlowIndex_items(FlowIndex *fi, PyObject *unused)
+{
+    (void) unused;
+    return fi_list(fi, 2);
+}
+
+static PyObject *
+FlowIndex_iter(FlowIndex *fi)
+{
+    PyObject *keys = fi_list(fi, 0), *it;
+
+    if (!keys) {
+        return NULL;
+    }
+    it = PyObject_GetIter(keys);
+    Py_DECREF(keys);
+    return it;
+}
+
+static PyObject *
+FlowIndex_sizeof(FlowIndex *fi, PyObject *unused)
+{
+    (void) unused;
+    return PyLong_FromSize_t(sizeof *fi
+                             + (fi->mask ? (fi->mask + 1) * 8 : 0)
+                             + fi->keys_cap * sizeof(PyObject *));
+}
+
+static PyMappingMethods FlowIndex_as_mapping = {
+    (lenfunc) FlowIndex_len,
+    (binaryfunc) FlowIndex_getitem,
+    (objobjargproc) FlowIndex_setitem,
 };
 
-/* One sample taken by the fast path, its key built, not yet looked up. */
+static PySequenceMethods FlowIndex_as_sequence = {
+    .sq_contains = (objobjproc) FlowIndex_contains,
+};
+
+static PyMethodDef FlowIndex_methods[] = {
+    {"get", (PyCFunction) (void (*)(void)) FlowIndex_get, METH_FASTCALL,
+     "get(key[, default]): the key's slot, or default"},
+    {"pop", (PyCFunction) (void (*)(void)) FlowIndex_pop, METH_FASTCALL,
+     "pop(key[, default]): remove the key, return its slot"},
+    {"clear", (PyCFunction) FlowIndex_clear, METH_NOARGS,
+     "remove every key"},
+    {"keys", (PyCFunction) FlowIndex_keys, METH_NOARGS,
+     "the keys, a list in slot order"},
+    {"values", (PyCFunction) FlowIndex_values, METH_NOARGS,
+     "the slots, a list in order"},
+    {"items", (PyCFunction) FlowIndex_items, METH_NOARGS,
+     "(key, slot) pairs, a list in slot order"},
+    {"__sizeof__", (PyCFunction) FlowIndex_sizeof, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FlowIndex_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ovs_ipfix_py._fastpath.FlowIndex",
+    .tp_basicsize = sizeof(FlowIndex),
+    .tp_dealloc = (destructor) FlowIndex_dealloc,
+    .tp_as_sequence = &FlowIndex_as_sequence,
+    .tp_as_mapping = &FlowIndex_as_mapping,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "FlowIndex(): flowcache.FlowCache's index (encoded key -> "
+              "slot) as an open-addressing table; a mapping with the "
+              "dict methods FlowCache uses.",
+    .tp_iter = (getiterfunc) FlowIndex_iter,
+    .tp_methods = FlowIndex_methods,
+    .tp_new = FlowIndex_new,
+};
+
+/* One sample of a batch, checked and keyed, not yet looked up. */
 struct taken {
-    PyObject *key;                  /* owned */
+    int action;                     /* TAKE_* */
+    PyObject *key;                  /* owned (TAKE_CACHE only) */
+    Py_hash_t hash;                 /* the key's, for a FlowIndex */
     Py_ssize_t slot;
     uint64_t count;
     uint64_t frame_len;
     uint64_t ip_len;
     uint32_t tcp_flags;
+    int kind;
 };
 
-/* Checks sample s and builds its key into *t.  Returns 1 when taken,
- * 0 when the fast path does not take it (the caller stops there), -1 on
- * error (exception set). */
+enum {
+    TAKE_CACHE,                     /* aggregate into the cache */
+    TAKE_DROPPED,                   /* direction not sampled: counted */
+    TAKE_SKIP,                      /* BFD: not even counted */
+};
+
+/* The exporter's parameters (Exporter._c_params), and what the loop
+ * carries from one sample to the next. */
+struct batch_state {
+    PyObject *bridge_cls, *flow_cls;
+    int is_bridge, enable_in, enable_out;
+    unsigned long long default_count;
+    uint32_t domain, point;
+    PyObject *iface_for, *tunnel_for;
+    const unsigned char *tids;
+    int tcp_end;                    /* cache.tcp_end_of_flow */
+    /* Last probabilities seen (by identity: the batch keeps the objects
+     * alive) and their packet counts, bridge and flow. */
+    PyObject *last_bp, *last_fp;
+    unsigned long long bcount, fcount;
+    /* Interface part of the key, for the last port pair seen, per
+     * sample kind (0 bridge, 1 flow). */
+    PyObject *last_in[2], *last_out[2];
+    int last_dir[2];
+    PyObject *iface[2];             /* owned: bytes */
+    /* Tunnel part, for the last (tunnel, ports) seen, per kind. */
+    PyObject *last_tun[2], *last_tin[2], *last_tout[2];
+    PyObject *tunnel[2];            /* owned: bytes */
+};
+
+static void
+batch_state_clear(struct batch_state *st)
+{
+    for (int i = 0; i < 2; i++) {
+        Py_CLEAR(st->iface[i]);
+        Py_CLEAR(st->tunnel[i]);
+        st->last_in[i] = st->last_out[i] = NULL;
+        st->last_tun[i] = st->last_tin[i] = st->last_tout[i] = NULL;
+    }
+}
+
+/* The key's interface part for (in, out, dir): iface_for's bytes
+ * (Exporter._iface_part), called only when the port pair changes.
+ * NULL (no exception): the sample goes to the general path, which
+ * raises what iface_for raises. */
+static PyObject *
+iface_part(struct batch_state *st, int which, PyObject *in_o,
+           PyObject *out_o, int dir)
+{
+    PyObject *b, *d;
+
+    if (st->iface[which] && in_o == st->last_in[which]
+        && out_o == st->last_out[which] && dir == st->last_dir[which]) {
+        return st->iface[which];
+    }
+    d = PyLong_FromLong(dir);
+    if (!d) {
+        PyErr_Clear();
+        return NULL;
+    }
+    b = PyObject_CallFunctionObjArgs(st->iface_for, in_o, out_o, d, NULL);
+    Py_DECREF(d);
+    if (!b || !PyBytes_Check(b) || PyBytes_GET_SIZE(b) > PORTS_MAX) {
+        PyErr_Clear();
+        Py_XDECREF(b);
+        return NULL;
+    }
+    Py_XSETREF(st->iface[which], b);
+    st->last_in[which] = in_o;
+    st->last_out[which] = out_o;
+    st->last_dir[which] = dir;
+    return b;
+}
+
+/* The key's tunnel part for a sample's tunnel metadata: tunnel_for's
+ * bytes (Exporter._tunnel_part; b"" when the sample is keyed without
+ * it), called only when the tunnel or the ports change.  NULL (no
+ * exception): the general path takes the sample. */
+static PyObject *
+tunnel_part(struct batch_state *st, int which, PyObject *in_o,
+            PyObject *out_o, PyObject *tun_o)
+{
+    PyObject *b;
+
+    if (st->tunnel[which] && tun_o == st->last_tun[which]
+        && in_o == st->last_tin[which] && out_o == st->last_tout[which]) {
+        return st->tunnel[which];
+    }
+    b = PyObject_CallFunctionObjArgs(st->tunnel_for, in_o, out_o, tun_o,
+                                     NULL);
+    if (!b || !PyBytes_Check(b) || PyBytes_GET_SIZE(b) > TUNNEL_MAX) {
+        PyErr_Clear();
+        Py_XDECREF(b);
+        return NULL;
+    }
+    Py_XSETREF(st->tunnel[which], b);
+    st->last_tun[which] = tun_o;
+    st->last_tin[which] = in_o;
+    st->last_tout[which] = out_o;
+    return b;
+}
+
+/* An int in 0..2^32-1, else -1. */
+static long long
+as_u32(PyObject *o)
+{
+    unsigned long v;
+
+    if (!PyLong_Check(o)) {
+        return -1;
+    }
+    v = PyLong_AsUnsignedLong(o);
+    if (v == (unsigned long) -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    return v > 0xFFFFFFFFUL ? -1 : (long long) v;
+}
+
+/* Checks sample s, decides what becomes of it and builds its key into
+ * *t.  Returns 1 when taken, 0 when the general path must take it (the
+ * caller stops there), -1 on error (exception set). */
 static int
 take_sample(struct batch_state *st, PyObject *s, struct taken *t)
 {
-    PyObject *in_o, *out_o, *p_o, *f_o, *len_o, *tos;
+    PyObject *in_o, *out_o, *p_o, *f_o, *len_o, *tun_o, *ports;
+    PyObject *tunnel = NULL;
     const unsigned char *f;
-    const struct proto_head *ph;
-    unsigned long long orig_len, frame_len;
-    unsigned long total_len;
+    unsigned long long orig_len, frame_len, count;
     unsigned char key[KEY_MAX];
+    uint32_t domain, point;
+    struct parsed r;
     Py_ssize_t flen, k;
-    int ps;
+    int dir, is_flow;
 
-    if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) < 6) {
+    if (Py_TYPE(s) == (PyTypeObject *) st->bridge_cls && st->is_bridge
+        && PyTuple_GET_SIZE(s) >= 7) {
+        is_flow = 0;
+        in_o = PyTuple_GET_ITEM(s, 1);
+        out_o = PyTuple_GET_ITEM(s, 2);
+        p_o = PyTuple_GET_ITEM(s, 3);
+        f_o = PyTuple_GET_ITEM(s, 4);
+        len_o = PyTuple_GET_ITEM(s, 5);
+        tun_o = PyTuple_GET_ITEM(s, 6);
+    } else if (Py_TYPE(s) == (PyTypeObject *) st->flow_cls
+               && PyTuple_GET_SIZE(s) >= 11) {
+        is_flow = 1;
+        p_o = PyTuple_GET_ITEM(s, 4);
+        in_o = PyTuple_GET_ITEM(s, 6);
+        out_o = PyTuple_GET_ITEM(s, 7);
+        f_o = PyTuple_GET_ITEM(s, 8);
+        len_o = PyTuple_GET_ITEM(s, 9);
+        tun_o = PyTuple_GET_ITEM(s, 10);
+    } else {
         return 0;
     }
-    /* Tunnel metadata (upcall.BridgeSample.tunnel, item 6): the key
-     * may take a tunnel part, which Python builds. */
-    if (PyTuple_GET_SIZE(s) > 6 && PyTuple_GET_ITEM(s, 6) != Py_None) {
-        return 0;
-    }
-    in_o = PyTuple_GET_ITEM(s, 1);
-    out_o = PyTuple_GET_ITEM(s, 2);
-    p_o = PyTuple_GET_ITEM(s, 3);
-    f_o = PyTuple_GET_ITEM(s, 4);
-    len_o = PyTuple_GET_ITEM(s, 5);
     if (!PyBytes_Check(f_o) || !PyLong_Check(len_o)) {
         return 0;
     }
+    t->key = NULL;
 
-    /* Probability and ports repeat from one sample to the next (and are
-     * often the very same objects): convert them only when they
-     * change. */
-    if (p_o != st->last_p) {
-        unsigned long long p;
+    if (!is_flow) {
+        /* Exporter.sample_bridge */
+        if (out_o == Py_None) {
+            if (!st->enable_in) {
+                t->action = TAKE_DROPPED;
+                return 1;
+            }
+            dir = 0;
+        } else {
+            if (!st->enable_out) {
+                t->action = TAKE_DROPPED;
+                return 1;
+            }
+            dir = 1;
+        }
+        if (p_o != st->last_bp) {
+            unsigned long long p;
 
-        if (!PyLong_Check(p_o)) {
+            if (!PyLong_Check(p_o)) {
+                return 0;
+            }
+            p = PyLong_AsUnsignedLongLong(p_o);
+            if (p == (unsigned long long) -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                return 0;   /* negative or huge: the general path says */
+            }
+            st->bcount = p ? UINT32_MAX_ULL / p : st->default_count;
+            st->last_bp = p_o;
+        }
+        count = st->bcount;
+        domain = st->domain;
+        point = st->point;
+    } else {
+        /* Exporter.sample_flow */
+        PyObject *d_o = PyTuple_GET_ITEM(s, 5);
+        long long dom;
+        long d;
+
+        if (p_o != st->last_fp) {
+            long long p;
+
+            if (!PyLong_Check(p_o)) {
+                return 0;
+            }
+            p = PyLong_AsLongLong(p_o);
+            if (p <= 0) {
+                PyErr_Clear();
+                return 0;   /* dropped with a warning there */
+            }
+            st->fcount = 0xFFFFULL / (unsigned long long) p;
+            st->last_fp = p_o;
+        }
+        count = st->fcount;
+        if (!PyLong_Check(d_o)) {
             return 0;
         }
-        p = PyLong_AsUnsignedLongLong(p_o);
-        if (p == (unsigned long long) -1 && PyErr_Occurred()) {
+        d = PyLong_AsLong(d_o);
+        if (d == -1 && PyErr_Occurred()) {
             PyErr_Clear();
-            return 0;       /* negative or huge: the general path says */
+            return 0;
         }
-        st->count = p ? UINT32_MAX_ULL / p : st->default_count;
-        st->last_p = p_o;
-    }
-    if (in_o != st->last_in || out_o != st->last_out) {
-        PyObject *h = PyObject_CallFunctionObjArgs(st->heads_for, in_o,
-                                                   out_o, NULL);
-        if (!h) {
-            return -1;
+        dir = d == 1 ? 0 : d == 2 ? 1 : out_o == Py_None ? 0 : 1;
+        dom = as_u32(PyTuple_GET_ITEM(s, 2));
+        if (dom < 0 || !PyLong_Check(PyTuple_GET_ITEM(s, 3))) {
+            return 0;
         }
-        Py_XSETREF(st->heads, h);
-        /* Forget the ports until the heads are known good. */
-        st->last_in = st->last_out = NULL;
-        if (h != Py_None) {
-            if (!PyDict_Check(h)) {
-                PyErr_SetString(PyExc_TypeError,
-                                "heads_for must return a dict or None");
-                return -1;
-            }
-            if (load_heads(h, st->table) < 0) {
-                return -1;
-            }
+        domain = (uint32_t) dom;
+        /* obs_point_id & 0xFFFFFFFF, as packet.parse */
+        point = (uint32_t) PyLong_AsUnsignedLongMask(PyTuple_GET_ITEM(s, 3));
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
         }
-        st->last_in = in_o;
-        st->last_out = out_o;
     }
-    if (st->heads == Py_None) {
-        return 0;           /* direction not sampled: counted there */
-    }
-
-    f = (const unsigned char *) PyBytes_AS_STRING(f_o);
-    flen = PyBytes_GET_SIZE(f_o);
-    /* Plain IPv4: EtherType 0x0800, version 4 with a 20-byte header,
-     * not a later fragment (offset 0). */
-    if (flen < MIN_FRAME_LEN || f[12] != 8 || f[13] != 0 || f[14] != 0x45
-        || (f[20] & 0x1F) || f[21]) {
+    ports = iface_part(st, is_flow, in_o, out_o, dir);
+    if (!ports) {
         return 0;
     }
-    ps = proto_slot(f[23]);
-    if (ps < 0 || !st->table[ps].valid) {
-        return 0;
-    }
-    ph = &st->table[ps];
-    /* The whole L4 header must lie inside the IP packet and the frame
-     * (else the general parser zeroes the L4 fields). */
-    total_len = (unsigned long) f[16] << 8 | f[17];
-    if (ph->need > total_len
-        || ph->need + ETH_HEADER_LEN > (unsigned long) flen) {
-        return 0;
-    }
-    if (f[23] == 17) {
-        unsigned int dport = (unsigned int) f[36] << 8 | f[37];
-        if (dport == BFD_PORT || dport == BFD_ECHO_PORT) {
+    if (tun_o != Py_None) {
+        tunnel = tunnel_part(st, is_flow, in_o, out_o, tun_o);
+        if (!tunnel) {
             return 0;
         }
     }
@@ -353,44 +1340,32 @@ take_sample(struct batch_state *st, PyObject *s, struct taken *t)
         PyErr_Clear();
         return 0;
     }
+    f = (const unsigned char *) PyBytes_AS_STRING(f_o);
+    flen = PyBytes_GET_SIZE(f_o);
     frame_len = orig_len > (unsigned long long) flen
                 ? orig_len : (unsigned long long) flen;
     if (frame_len > UINT32_MAX_ULL) {
         return 0;           /* cannot be stored; the general path says */
     }
-    tos = PyTuple_GET_ITEM(st->tos_fields, f[15]);
-    if (!PyBytes_Check(tos) || PyBytes_GET_SIZE(tos) > 16) {
-        PyErr_SetString(PyExc_TypeError, "tos_fields: bytes items");
-        return -1;
+    k = build_key(key, f, flen, domain, point, dir,
+                  PyBytes_AS_STRING(ports), PyBytes_GET_SIZE(ports),
+                  tunnel ? PyBytes_AS_STRING(tunnel) : "",
+                  tunnel ? PyBytes_GET_SIZE(tunnel) : 0, st->tids, &r);
+    if (!is_flow && (r.udp_dst_port == BFD_PORT
+                     || r.udp_dst_port == BFD_ECHO_PORT)) {
+        t->action = TAKE_SKIP;      /* OVS never samples BFD */
+        return 1;
     }
-
-    /* key = head | src MAC | dst MAC | mid | TTL, protocol
-     *       | DSCP, precedence, ToS | addresses and L4 fields */
-    k = 0;
-    memcpy(key + k, ph->head, ph->head_len);
-    k += ph->head_len;
-    memcpy(key + k, f + 6, 6);
-    k += 6;
-    memcpy(key + k, f, 6);
-    k += 6;
-    memcpy(key + k, ph->mid, ph->mid_len);
-    k += ph->mid_len;
-    memcpy(key + k, f + 22, 2);
-    k += 2;
-    memcpy(key + k, PyBytes_AS_STRING(tos), PyBytes_GET_SIZE(tos));
-    k += PyBytes_GET_SIZE(tos);
-    memcpy(key + k, f + 26, ph->l4_end - 26);
-    k += ph->l4_end - 26;
-
     t->key = PyBytes_FromStringAndSize((const char *) key, k);
     if (!t->key) {
         return -1;
     }
-    t->count = st->count;
+    t->action = TAKE_CACHE;
+    t->count = count;
     t->frame_len = frame_len;
-    t->ip_len = frame_len - ETH_HEADER_LEN;
-    t->tcp_flags = ph->is_tcp
-                   ? (uint32_t) (f[46] & 0x0F) << 8 | f[47] : 0;
+    t->ip_len = r.is_ip ? frame_len - (uint64_t) r.eth_header_len : 0;
+    t->tcp_flags = r.tcp_flags;
+    t->kind = r.kind;
     if (st->tcp_end && (t->tcp_flags & TCP_END_FLAGS)) {
         Py_CLEAR(t->key);
         return 0;           /* FlowCache.add_many marks its end */
@@ -533,12 +1508,14 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
 {
     Py_ssize_t nfree, slot;
     PyObject *slot_o, *r;
+    FlowIndex *fi;
     int from_free;
 
     if (!ins->loaded && inserter_load(ins, cache) < 0) {
         return -1;
     }
-    if (PyDict_GET_SIZE(index) + 1 > ins->max_flows) {
+    fi = Py_TYPE(index) == &FlowIndex_Type ? (FlowIndex *) index : NULL;
+    if ((fi ? fi->used : PyDict_GET_SIZE(index)) + 1 > ins->max_flows) {
         return 0;                   /* _insert expires */
     }
     if (ins->idle_timeout
@@ -570,7 +1547,8 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
         }
         return -1;
     }
-    if (PyDict_SetItem(index, t->key, slot_o) < 0) {
+    if (fi ? fi_insert(fi, t->key, t->hash, slot) < 0
+           : PyDict_SetItem(index, t->key, slot_o) < 0) {
         Py_DECREF(slot_o);
         return -1;
     }
@@ -592,12 +1570,40 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
     }
     r = PyObject_CallOneArg(ins->order_append, t->key);
     if (!r) {
+        /* Undo, so the cache stays as it was (the index and the order
+         * hold the same flows). */
+        PyObject *et, *ev, *tb;
+
+        PyErr_Fetch(&et, &ev, &tb);
+        if (fi) {
+            Py_ssize_t b = fi_find(fi, t->key, t->hash);
+
+            if (b >= 0) {
+                fi_remove_bucket(fi, (size_t) b);
+            }
+        } else if (PyDict_DelItem(index, t->key) < 0) {
+            PyErr_Clear();
+        }
+        if (from_free) {
+            PyObject *so = PyLong_FromSsize_t(slot);
+
+            if (!so || PyList_Append(ins->free, so) < 0) {
+                PyErr_Clear();
+            }
+            Py_XDECREF(so);
+        } else {
+            PyObject *so = PyLong_FromSsize_t(slot);
+
+            if (!so || PyObject_SetAttrString(cache, "_next_slot", so) < 0) {
+                PyErr_Clear();
+            }
+            Py_XDECREF(so);
+            ins->next_slot = slot;
+        }
+        PyErr_Restore(et, ev, tb);
         return -1;
     }
     Py_DECREF(r);
-    if (ins->idle_timeout && PyList_Append(ins->idle_tail, t->key) < 0) {
-        return -1;
-    }
     {
         double *times = (double *) a->views[TIMES].buf + slot * 2;
         uint64_t *c = (uint64_t *) a->views[COUNTERS].buf + slot * 4;
@@ -612,7 +1618,74 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
         m[0] = m[1] = (uint32_t) t->ip_len;
         m[2] = t->tcp_flags;
     }
+    /* The wheel's tail bucket (a failure here leaves the flow to the
+     * active timeout alone, its aggregates whole). */
+    if (ins->idle_timeout && PyList_Append(ins->idle_tail, t->key) < 0) {
+        return -1;
+    }
     return 1;
+}
+
+/* What a call adds to the exporter's statistics (ExporterStats). */
+enum { S_PKTS, S_IPV4_OK, S_IPV6_OK, S_IPV4_ERRS, S_IPV6_ERRS, S_ERRS,
+       S_FLOWS, S_DROPPED, S_COUNT };
+static const char *const stat_names[S_COUNT] = {
+    "pkts", "ipv4_ok", "ipv6_ok", "ipv4_errs", "ipv6_errs", "errs",
+    "flows", "dropped_samples",
+};
+
+static void
+count_sample(Py_ssize_t *stats, const struct taken *t)
+{
+    if (t->action == TAKE_DROPPED) {
+        stats[S_DROPPED]++;
+        return;
+    }
+    if (t->action != TAKE_CACHE) {
+        return;
+    }
+    stats[S_PKTS]++;
+    switch (t->kind) {
+    case K_IPV4_OK: stats[S_IPV4_OK]++; break;
+    case K_IPV6_OK: stats[S_IPV6_OK]++; break;
+    case K_IPV4_ERR: stats[S_IPV4_ERRS]++; stats[S_ERRS]++; break;
+    case K_IPV6_ERR: stats[S_IPV6_ERRS]++; stats[S_ERRS]++; break;
+    default: break;
+    }
+}
+
+/* stats.<name> += delta for each counter; keeps a pending exception. */
+static int
+stats_add(PyObject *stats, const Py_ssize_t *delta)
+{
+    PyObject *et, *ev, *tb;
+    int rc = 0;
+
+    PyErr_Fetch(&et, &ev, &tb);
+    for (int i = 0; i < S_COUNT && rc == 0; i++) {
+        PyObject *old, *d, *sum;
+
+        if (!delta[i]) {
+            continue;
+        }
+        old = PyObject_GetAttrString(stats, stat_names[i]);
+        d = old ? PyLong_FromSsize_t(delta[i]) : NULL;
+        sum = d ? PyNumber_Add(old, d) : NULL;
+        if (!sum || PyObject_SetAttrString(stats, stat_names[i], sum) < 0) {
+            rc = -1;
+        }
+        Py_XDECREF(old);
+        Py_XDECREF(d);
+        Py_XDECREF(sum);
+    }
+    if (et) {
+        /* The first error wins. */
+        if (rc < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(et, ev, tb);
+    }
+    return rc;
 }
 
 /* Samples are looked up GROUP at a time: their keys are built first,
@@ -622,25 +1695,32 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
  * independent lookups overlap instead of adding up. */
 #define GROUP 8
 
-PyDoc_STRVAR(bridge_batch_doc,
-"bridge_batch(samples, start, now, default_count, heads_for, tos_fields,\n"
-"             cache) -> (stop, fast, new)\n"
+PyDoc_STRVAR(sample_batch_doc,
+"sample_batch(samples, start, now, params, cache, stats) -> stop\n"
 "\n"
-"Aggregate samples[start:] (a list of upcall.BridgeSample) into cache\n"
-"(a flowcache.FlowCache) at now (s), as the pure-Python fast path of\n"
-"Exporter.sample_bridge_batch does, up to the first sample it does not\n"
-"take (no plain IPv4, or tunnel metadata).  stop: that sample's index\n"
-"(len(samples) when all were taken);\n"
-"fast: samples aggregated; new: flows they started.  Each sample counts\n"
-"0xFFFFFFFF // its probability packets (default_count when 0).\n"
-"heads_for(input_port, output_port) gives the key pieces per IP\n"
-"protocol for a port pair, or None (that direction is not sampled);\n"
-"tos_fields[tos] the key's DSCP, precedence and ToS bytes.");
+"Exporter.sample_batch in C: aggregate samples[start:] (a list of\n"
+"upcall.BridgeSample and upcall.FlowSample) into cache (a\n"
+"flowcache.FlowCache) at now (s), each exactly as Exporter.sample_bridge\n"
+"or Exporter.sample_flow would (packet.parse's key, BFD skipped, samples\n"
+"of an unsampled direction dropped), and add to stats (ExporterStats)\n"
+"what they count, up to the first sample it leaves to those methods\n"
+"(a flow sample of probability 0, a value out of the usual range, an\n"
+"object of another type, a key part its maker refused).  stop: that\n"
+"sample's index (len(samples) when all were taken).\n"
+"\n"
+"params = (BridgeSample, FlowSample, is_bridge, default_count, domain,\n"
+"point, enable_input, enable_output, iface_for, tunnel_for, tids): the\n"
+"bridge options' values; iface_for(input_port, output_port, direction)\n"
+"the key's interface part and tunnel_for(input_port, output_port,\n"
+"tunnel) its tunnel part (bytes, b\"\" for none: Exporter._iface_part,\n"
+"_tunnel_part); tids the template id of each layout (120 big-endian\n"
+"u16: untunnelled, then tunnelled).  On an exception the cache and\n"
+"stats hold every sample before the one that raised.");
 
 static PyObject *
-bridge_batch(PyObject *self, PyObject *args)
+sample_batch(PyObject *self, PyObject *args)
 {
-    PyObject *samples, *cache;
+    PyObject *samples, *params, *cache, *stats;
     Py_ssize_t start;
     double now;
     PyObject *seq = NULL, *index = NULL, *insert = NULL;
@@ -649,32 +1729,48 @@ bridge_batch(PyObject *self, PyObject *args)
     struct taken g[GROUP];
     struct inserter ins = {0, NULL, NULL, NULL, 0, 0, 0, 0, 0.0, 0.0};
     PyObject *tcp_end = NULL;
-    Py_ssize_t i, n, n_fast = 0, n_new = 0;
+    Py_ssize_t i = 0, n, delta[S_COUNT] = {0};
+    Py_buffer tids = {0};
+    FlowIndex *fi = NULL;
     int ng = 0, ok = 0;
+    unsigned long domain, point;
 
     (void) self;
     memset(&st, 0, sizeof st);
-    if (!PyArg_ParseTuple(args, "OndKOOO:bridge_batch", &samples, &start,
-                          &now, &st.default_count, &st.heads_for,
-                          &st.tos_fields, &cache)) {
+    if (!PyArg_ParseTuple(args, "OndO!OO:sample_batch", &samples, &start,
+                          &now, &PyTuple_Type, &params, &cache, &stats)) {
         return NULL;
     }
-    if (!PyTuple_Check(st.tos_fields)
-        || PyTuple_GET_SIZE(st.tos_fields) != 256) {
-        PyErr_SetString(PyExc_TypeError, "tos_fields: a tuple of 256");
+    if (!PyArg_ParseTuple(params, "O!O!pKkkppOOy*:sample_batch params",
+                          &PyType_Type, &st.bridge_cls, &PyType_Type,
+                          &st.flow_cls, &st.is_bridge, &st.default_count,
+                          &domain, &point, &st.enable_in, &st.enable_out,
+                          &st.iface_for, &st.tunnel_for, &tids)) {
         return NULL;
     }
+    if (tids.len != 2 * N_TIDS || domain > 0xFFFFFFFFUL
+        || point > 0xFFFFFFFFUL) {
+        PyBuffer_Release(&tids);
+        PyErr_SetString(PyExc_ValueError, "sample_batch: bad params");
+        return NULL;
+    }
+    st.tids = tids.buf;
+    st.domain = (uint32_t) domain;
+    st.point = (uint32_t) point;
     seq = PySequence_Fast(samples, "samples must be a sequence");
     if (!seq) {
-        return NULL;
+        goto out;
     }
     index = PyObject_GetAttrString(cache, "index");
     insert = PyObject_GetAttrString(cache, "_insert");
     if (!index || !insert) {
         goto out;
     }
-    if (!PyDict_Check(index)) {
-        PyErr_SetString(PyExc_TypeError, "cache.index must be a dict");
+    if (Py_TYPE(index) == &FlowIndex_Type) {
+        fi = (FlowIndex *) index;
+    } else if (!PyDict_Check(index)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "cache.index must be a dict or a FlowIndex");
         goto out;
     }
     tcp_end = PyObject_GetAttrString(cache, "tcp_end_of_flow");
@@ -701,14 +1797,69 @@ bridge_batch(PyObject *self, PyObject *args)
                 stop = 1;
                 break;
             }
+            if (fi && g[ng].action == TAKE_CACHE) {
+                g[ng].hash = PyObject_Hash(g[ng].key);
+                if (g[ng].hash == -1) {
+                    ng++;
+                    goto out;
+                }
+                if (fi->mask) {
+                    __builtin_prefetch(&fi->buckets[fi_home(fi,
+                                                            g[ng].hash)]);
+                }
+            }
             ng++;
+        }
+        if (fi && fi->mask) {
+            /* The flows' keys, in the order a lookup reads them: the
+             * first bucket of the right hash, then its key pointer,
+             * then the key. */
+            Py_ssize_t cand[GROUP];
+
+            for (j = 0; j < ng; j++) {
+                size_t b = fi_home(fi, g[j].hash);
+                uint32_t h32 = fi_hash32(g[j].hash);
+
+                cand[j] = -1;
+                if (g[j].action != TAKE_CACHE) {
+                    continue;
+                }
+                while (fi->buckets[b]) {
+                    if ((uint32_t) (fi->buckets[b] >> 32) == h32) {
+                        cand[j] = (Py_ssize_t) (fi->buckets[b]
+                                                & 0xFFFFFFFFu) - 1;
+                        __builtin_prefetch(&fi->keys[cand[j]]);
+                        break;
+                    }
+                    b = (b + 1) & fi->mask;
+                }
+            }
+            for (j = 0; j < ng; j++) {
+                if (cand[j] >= 0) {
+                    __builtin_prefetch(fi->keys[cand[j]]);
+                }
+            }
         }
         /* 2. Look them up, up to the first new flow. */
         miss = ng;
         for (j = 0; j < ng; j++) {
-            PyObject *slot_o = PyDict_GetItemWithError(index, g[j].key);
+            PyObject *slot_o;
             Py_ssize_t slot;
 
+            if (g[j].action != TAKE_CACHE) {
+                continue;
+            }
+            if (fi) {
+                Py_ssize_t b = fi_find(fi, g[j].key, g[j].hash);
+
+                if (b < 0) {
+                    miss = j;
+                    break;
+                }
+                slot = fi_slot_of(fi, b);
+                goto found;
+            }
+            slot_o = PyDict_GetItemWithError(index, g[j].key);
             if (!slot_o) {
                 if (PyErr_Occurred()) {
                     goto out;
@@ -723,6 +1874,7 @@ bridge_batch(PyObject *self, PyObject *args)
                 }
                 goto out;
             }
+        found:
             if (!slot_in_range(&arr, slot)) {
                 PyErr_SetString(PyExc_IndexError, "cache slot out of range");
                 goto out;
@@ -738,16 +1890,24 @@ bridge_batch(PyObject *self, PyObject *args)
         /* 3. Update the flows found (the updates commute: sums, min,
          * max, or, the same end time). */
         for (j = 0; j < miss; j++) {
-            apply_update(&arr, &g[j], now);
+            if (g[j].action == TAKE_CACHE) {
+                apply_update(&arr, &g[j], now);
+            }
+            count_sample(delta, &g[j]);
         }
-        n_fast += miss;
         if (miss < ng) {
             /* A new flow.  The samples taken after it are taken again
              * (one of them may be the same flow). */
             struct taken *t = &g[miss];
-            int r = insert_new(&ins, cache, index, &arr, t, now);
+            int r;
 
+            /* Counted before it goes in, as Exporter._sample counts it
+             * before FlowCache.add (so an exception there leaves the
+             * same statistics on either path). */
+            count_sample(delta, t);
+            r = insert_new(&ins, cache, index, &arr, t, now);
             if (r < 0) {
+                i += miss + 1;
                 goto out;
             }
             if (r == 0) {
@@ -761,15 +1921,18 @@ bridge_batch(PyObject *self, PyObject *args)
                                             t->count, t->frame_len,
                                             t->ip_len, t->tcp_flags);
                 if (!res) {
+                    i += miss + 1;
                     goto out;
                 }
                 Py_DECREF(res);
+                delta[S_FLOWS]++;
                 if (arrays_acquire(&arr, cache) < 0) {
+                    i += miss + 1;
                     goto out;
                 }
+            } else {
+                delta[S_FLOWS]++;
             }
-            n_new++;
-            n_fast++;
             stop = 0;
             miss++;
         }
@@ -790,32 +1953,22 @@ out:
     }
     arrays_release(&arr);
     inserter_clear(&ins);
-    Py_XDECREF(st.heads);
+    batch_state_clear(&st);
+    PyBuffer_Release(&tids);
     Py_XDECREF(tcp_end);
     Py_XDECREF(insert);
     Py_XDECREF(index);
-    Py_DECREF(seq);
+    Py_XDECREF(seq);
+    if (stats_add(stats, delta) < 0 && ok) {
+        return NULL;
+    }
     if (!ok) {
         return NULL;
     }
-    return Py_BuildValue("nnn", i, n_fast, n_new);
+    return PyLong_FromSsize_t(i);
 }
 
 /* ------------------------------------------------------------ decoding */
-
-static inline uint32_t
-get_u32(const unsigned char *p)
-{
-    return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16
-           | (uint32_t) p[2] << 8 | p[3];
-}
-
-static inline uint16_t
-get_u16(const unsigned char *p)
-{
-    return (uint16_t) (p[0] << 8 | p[1]);
-}
-
 #define A_FRAME 5
 #define A_ORIG_LEN 6
 
@@ -1159,6 +2312,141 @@ out:
     return result;
 }
 
+PyDoc_STRVAR(group_expired_doc,
+"group_expired(flows) -> (groups, reasons)\n"
+"\n"
+"exporter.group_expired in C: expired flows (flowcache.ExpiredFlow)\n"
+"grouped by (their key's first 6 bytes, the key's length), in order of\n"
+"first appearance and in order within each group; and how many left\n"
+"by each flowEndReason ({reason: count}).");
+
+static PyObject *
+group_expired(PyObject *self, PyObject *args)
+{
+    PyObject *flows, *seq, *groups = NULL, *reasons = NULL, *res = NULL;
+    PyObject *last_key = NULL, *last_list = NULL;
+    Py_ssize_t n, small[16] = {0};
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "O:group_expired", &flows)) {
+        return NULL;
+    }
+    seq = PySequence_Fast(flows, "flows must be a sequence");
+    if (!seq) {
+        return NULL;
+    }
+    groups = PyDict_New();
+    reasons = PyDict_New();
+    if (!groups || !reasons) {
+        goto out;
+    }
+    n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *f = PySequence_Fast_GET_ITEM(seq, i), *key, *reason;
+        Py_ssize_t klen;
+
+        if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) < F_COUNT
+            || !PyBytes_Check(PyTuple_GET_ITEM(f, F_KEY))
+            || PyBytes_GET_SIZE(PyTuple_GET_ITEM(f, F_KEY)) < 6) {
+            PyErr_SetString(PyExc_TypeError, "flows: ExpiredFlow tuples");
+            goto out;
+        }
+        key = PyTuple_GET_ITEM(f, F_KEY);
+        klen = PyBytes_GET_SIZE(key);
+        /* Expired flows come in runs of one group: compare with the
+         * last flow's key before building a group key. */
+        if (!last_key || PyBytes_GET_SIZE(last_key) != klen
+            || memcmp(PyBytes_AS_STRING(last_key), PyBytes_AS_STRING(key),
+                      6)) {
+            PyObject *gk = Py_BuildValue("(y#n)", PyBytes_AS_STRING(key),
+                                         (Py_ssize_t) 6, klen);
+            PyObject *g;
+
+            if (!gk) {
+                goto out;
+            }
+            g = PyDict_GetItemWithError(groups, gk);
+            if (!g) {
+                if (PyErr_Occurred()) {
+                    Py_DECREF(gk);
+                    goto out;
+                }
+                g = PyList_New(0);
+                if (!g || PyDict_SetItem(groups, gk, g) < 0) {
+                    Py_XDECREF(g);
+                    Py_DECREF(gk);
+                    goto out;
+                }
+                Py_DECREF(g);           /* the dict holds it */
+            }
+            Py_DECREF(gk);
+            last_list = g;
+            last_key = key;
+        }
+        if (PyList_Append(last_list, f) < 0) {
+            goto out;
+        }
+        reason = PyTuple_GET_ITEM(f, F_REASON);
+        if (PyLong_CheckExact(reason)) {
+            long r = PyLong_AsLong(reason);
+
+            if (r >= 0 && r < 16) {
+                small[r]++;
+                continue;
+            }
+            PyErr_Clear();
+        }
+        {
+            /* reasons[reason] = reasons.get(reason, 0) + 1 */
+            PyObject *old = PyDict_GetItemWithError(reasons, reason);
+            PyObject *one, *sum;
+
+            if (!old && PyErr_Occurred()) {
+                goto out;
+            }
+            one = PyLong_FromLong(1);
+            if (!one) {
+                goto out;
+            }
+            if (old) {
+                sum = PyNumber_Add(old, one);
+            } else {
+                Py_INCREF(one);
+                sum = one;
+            }
+            Py_DECREF(one);
+            if (!sum || PyDict_SetItem(reasons, reason, sum) < 0) {
+                Py_XDECREF(sum);
+                goto out;
+            }
+            Py_DECREF(sum);
+        }
+    }
+    for (long r = 0; r < 16; r++) {
+        PyObject *k, *v;
+
+        if (!small[r]) {
+            continue;
+        }
+        k = PyLong_FromLong(r);
+        v = PyLong_FromSsize_t(small[r]);
+        if (!k || !v || PyDict_SetItem(reasons, k, v) < 0) {
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            goto out;
+        }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    res = PyTuple_Pack(2, groups, reasons);
+
+out:
+    Py_XDECREF(groups);
+    Py_XDECREF(reasons);
+    Py_DECREF(seq);
+    return res;
+}
+
 PyDoc_STRVAR(expired_flows_doc,
 "expired_flows(cls, keys, slots, times, counters, small, reason) -> list\n"
 "\n"
@@ -1259,10 +2547,210 @@ out:
     return list;
 }
 
+/* ------------------------------------------------------------ replay */
+
+#define CHANNEL_MAGIC 0x4F495058UL  /* upcall.MAGIC */
+#define CHANNEL_VERSION 1
+#define CHANNEL_HEADER 12           /* upcall.HEADER.size */
+#define MAX_UPCALLS 0xFFFF          /* upcall.MAX_UPCALLS_PER_DATAGRAM */
+#define PCAP_MAX_RECORD (16 << 20)  /* pcap.MAX_RECORD */
+
+static inline uint32_t
+get_u32_order(const unsigned char *p, int little)
+{
+    return little ? (uint32_t) p[3] << 24 | (uint32_t) p[2] << 16
+                    | (uint32_t) p[1] << 8 | p[0]
+                  : get_u32(p);
+}
+
+PyDoc_STRVAR(pcap_datagram_doc,
+"pcap_datagram(buf, offset, little, limit, kind, prefix, max_size)\n"
+"    -> (offset, datagram, n)\n"
+"\n"
+"The replay's hot loop in C: the records of a classic pcap file (buf,\n"
+"from offset; little: its byte order) as upcalls of one datagram, as\n"
+"upcall.FrameBatcher builds them (frames longer than limit truncated,\n"
+"their original length kept; kind and prefix: FrameBatcher's, from\n"
+"upcall._prefix), as many as fit in max_size bytes.  Returns the\n"
+"offset of the first record not taken, the datagram (None when empty)\n"
+"and its upcall count.  It stops before a record it cannot take\n"
+"(truncated, too large, a frame that fits no datagram): the Python\n"
+"reader and batcher take over there and report it.");
+
+static PyObject *
+pcap_datagram(PyObject *self, PyObject *args)
+{
+    Py_buffer buf, prefix;
+    Py_ssize_t off, limit, max_size, used = CHANNEL_HEADER, count = 0;
+    int little, kind;
+    PyObject *d = NULL, *res = NULL;
+    unsigned char *out;
+    const unsigned char *b;
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "y*npniy*n:pcap_datagram", &buf, &off,
+                          &little, &limit, &kind, &prefix, &max_size)) {
+        return NULL;
+    }
+    if (off < 0 || limit < 0 || limit > 0xFFFF - 4 || kind < 0
+        || kind > 0xFFFF || max_size < CHANNEL_HEADER + 8
+        || max_size > (1 << 20) || prefix.len > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "pcap_datagram: bad argument");
+        goto out;
+    }
+    d = PyBytes_FromStringAndSize(NULL, max_size);
+    if (!d) {
+        goto out;
+    }
+    out = (unsigned char *) PyBytes_AS_STRING(d);
+    b = buf.buf;
+    while (off + 16 <= buf.len && count < MAX_UPCALLS) {
+        uint32_t incl = get_u32_order(b + off + 8, little);
+        uint32_t orig = get_u32_order(b + off + 12, little);
+        Py_ssize_t start = off + 16, n, pad, total;
+        unsigned char *u;
+
+        if (incl > PCAP_MAX_RECORD || (Py_ssize_t) incl > buf.len - start) {
+            break;
+        }
+        if (orig < incl) {
+            orig = incl;
+        }
+        n = (Py_ssize_t) incl > limit ? limit : (Py_ssize_t) incl;
+        pad = (4 - (n & 3)) & 3;
+        total = 12 + n + pad + ((uint32_t) n != orig ? 8 : 0) + prefix.len;
+        if (used + total > max_size) {
+            break;
+        }
+        u = out + used;
+        /* length, kind, reserved, FRAME attribute header
+         * (upcall._UPCALL_FIRST), the frame, padding */
+        put_u32(u, (uint32_t) total);
+        u[4] = (unsigned char) (kind >> 8);
+        u[5] = (unsigned char) kind;
+        u[6] = u[7] = 0;
+        u[8] = (unsigned char) ((n + 4) >> 8);
+        u[9] = (unsigned char) (n + 4);
+        u[10] = 0;
+        u[11] = A_FRAME;
+        memcpy(u + 12, b + start, n);
+        u += 12 + n;
+        memset(u, 0, pad);
+        u += pad;
+        if ((uint32_t) n != orig) {
+            /* ORIG_LEN: len 8, type, value */
+            u[0] = 0;
+            u[1] = 8;
+            u[2] = 0;
+            u[3] = A_ORIG_LEN;
+            put_u32(u + 4, orig);
+            u += 8;
+        }
+        memcpy(u, prefix.buf, prefix.len);
+        used += total;
+        count++;
+        off = start + incl;
+    }
+    if (!count) {
+        Py_CLEAR(d);
+        res = Py_BuildValue("nOn", off, Py_None, (Py_ssize_t) 0);
+        goto out;
+    }
+    /* magic, version, flags, count, length (upcall.HEADER) */
+    put_u32(out, CHANNEL_MAGIC);
+    out[4] = CHANNEL_VERSION;
+    out[5] = 0;
+    out[6] = (unsigned char) (count >> 8);
+    out[7] = (unsigned char) count;
+    put_u32(out + 8, (uint32_t) used);
+    if (_PyBytes_Resize(&d, used) < 0) {
+        goto out;
+    }
+    res = Py_BuildValue("nOn", off, d, count);
+
+out:
+    Py_XDECREF(d);
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&prefix);
+    return res;
+}
+
+PyDoc_STRVAR(one_source_doc,
+"one_source(upcalls, bridge_cls) -> key or None\n"
+"\n"
+"Daemon.handle_upcalls's common case in C: when every upcall of the\n"
+"list comes from one source, that source's exporter key, (\"bridge\",\n"
+"bridge) for bridge samples (type bridge_cls) or (\"flow\", bridge,\n"
+"collector_set_id) for flow samples; else (or for an empty list)\n"
+"None, and the caller groups them.");
+
+static PyObject *
+one_source(PyObject *self, PyObject *args)
+{
+    PyObject *ups, *bcls, *first, *bridge, *csid = NULL;
+    Py_ssize_t n;
+    int is_bridge;
+
+    (void) self;
+    if (!PyArg_ParseTuple(args, "O!O!:one_source", &PyList_Type, &ups,
+                          &PyType_Type, &bcls)) {
+        return NULL;
+    }
+    n = PyList_GET_SIZE(ups);
+    if (!n) {
+        Py_RETURN_NONE;
+    }
+    first = PyList_GET_ITEM(ups, 0);
+    if (!PyTuple_Check(first) || PyTuple_GET_SIZE(first) < 2) {
+        Py_RETURN_NONE;
+    }
+    is_bridge = Py_TYPE(first) == (PyTypeObject *) bcls;
+    bridge = PyTuple_GET_ITEM(first, 0);
+    if (!is_bridge) {
+        csid = PyTuple_GET_ITEM(first, 1);
+    }
+    for (Py_ssize_t i = 1; i < n; i++) {
+        PyObject *u = PyList_GET_ITEM(ups, i), *b;
+        int eq;
+
+        if (Py_TYPE(u) != Py_TYPE(first)) {
+            Py_RETURN_NONE;
+        }
+        b = PyTuple_GET_ITEM(u, 0);
+        if (b != bridge) {
+            eq = PyObject_RichCompareBool(b, bridge, Py_EQ);
+            if (eq <= 0) {
+                if (eq < 0) {
+                    return NULL;
+                }
+                Py_RETURN_NONE;
+            }
+        }
+        if (csid && PyTuple_GET_ITEM(u, 1) != csid) {
+            eq = PyObject_RichCompareBool(PyTuple_GET_ITEM(u, 1), csid,
+                                          Py_EQ);
+            if (eq <= 0) {
+                if (eq < 0) {
+                    return NULL;
+                }
+                Py_RETURN_NONE;
+            }
+        }
+    }
+    if (is_bridge) {
+        return Py_BuildValue("(sO)", "bridge", bridge);
+    }
+    return Py_BuildValue("(sOO)", "flow", bridge, csid);
+}
+
 static PyMethodDef methods[] = {
-    {"bridge_batch", bridge_batch, METH_VARARGS, bridge_batch_doc},
+    {"sample_batch", sample_batch, METH_VARARGS, sample_batch_doc},
+    {"parse_key", parse_key, METH_VARARGS, parse_key_doc},
+    {"pcap_datagram", pcap_datagram, METH_VARARGS, pcap_datagram_doc},
+    {"one_source", one_source, METH_VARARGS, one_source_doc},
     {"decode_hits", decode_hits, METH_VARARGS, decode_hits_doc},
     {"pack_records", pack_records, METH_VARARGS, pack_records_doc},
+    {"group_expired", group_expired, METH_VARARGS, group_expired_doc},
     {"expired_flows", expired_flows, METH_VARARGS, expired_flows_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -1270,7 +2758,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     "ovs_ipfix_py._fastpath",
-    "The bridge-sample hot path in C (optional; see exporter.py).",
+    "The sample hot path in C (optional; see fastpath.py).",
     -1,
     methods,
     NULL, NULL, NULL, NULL,
@@ -1279,5 +2767,21 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m;
+
+    if (PyType_Ready(&FlowIndex_Type) < 0) {
+        return NULL;
+    }
+    m = PyModule_Create(&module);
+    if (!m) {
+        return NULL;
+    }
+    Py_INCREF(&FlowIndex_Type);
+    if (PyModule_AddObject(m, "FlowIndex", (PyObject *) &FlowIndex_Type)
+        < 0) {
+        Py_DECREF(&FlowIndex_Type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -87,36 +87,42 @@ class Daemon:
     def handle_upcalls(self, upcalls, now: float) -> None:
         """Dispatch a batch of upcalls to their exporters.
 
-        Bridge samples are grouped per bridge and handed over in one
-        call (the exporter's fast path); a sample for a bridge or
-        collector set with no exporter is counted and dropped.
+        Samples are grouped per exporter (bridge samples per bridge,
+        flow samples per bridge and collector set) and each group handed
+        over in one call, in order (the exporter's hot path); a sample
+        for a bridge or collector set with no exporter is counted and
+        dropped.
         """
         exporters = self.reconciler.exporters
-        bridge_batches: Dict[str, List] = {}
+        batches: Dict[tuple, List] = {}
+        # Usually one source sent them all: no grouping needed.
+        key = (fastpath.C.one_source(upcalls, BridgeSample)
+               if fastpath.C is not None and type(upcalls) is list
+               else None)
+        if key is not None:
+            batches[key] = upcalls
+            upcalls = ()
         for u in upcalls:
             if type(u) is BridgeSample:
-                batch = bridge_batches.get(u.bridge)
-                if batch is None:
-                    batch = bridge_batches[u.bridge] = []
-                batch.append(u)
-                continue
-            exp = exporters.get(("flow", u.bridge, u.collector_set_id))
-            if exp is None:
-                self.unmatched_samples += 1
-                log.dbg("flow sample for bridge %s collector set %d: no"
-                        " exporter", u.bridge, u.collector_set_id)
-                continue
-            exp.sample_flow(u.frame, u.orig_len, u.input_port,
-                            u.output_port, u.probability, u.obs_domain_id,
-                            u.obs_point_id, u.direction, now, u.tunnel)
-        for bridge, batch in bridge_batches.items():
-            exp = exporters.get(("bridge", bridge))
+                key = ("bridge", u.bridge)
+            else:
+                key = ("flow", u.bridge, u.collector_set_id)
+            batch = batches.get(key)
+            if batch is None:
+                batch = batches[key] = []
+            batch.append(u)
+        for key, batch in batches.items():
+            exp = exporters.get(key)
             if exp is None:
                 self.unmatched_samples += len(batch)
-                log.dbg("%d bridge samples for bridge %s: no exporter",
-                        len(batch), bridge)
+                if key[0] == "bridge":
+                    log.dbg("%d bridge samples for bridge %s: no exporter",
+                            len(batch), key[1])
+                else:
+                    log.dbg("%d flow samples for bridge %s collector set "
+                            "%d: no exporter", len(batch), key[1], key[2])
                 continue
-            exp.sample_bridge_batch(batch, now)
+            exp.sample_batch(batch, now)
 
     # -- the loop ---------------------------------------------------------
 

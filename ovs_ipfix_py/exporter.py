@@ -32,6 +32,7 @@ from ovs_ipfix_py.options import (
     FlowExporterOptions,
 )
 from ovs_ipfix_py.ratelimit import RateLimitedLog
+from ovs_ipfix_py.upcall import BridgeSample, FlowSample
 
 log = RateLimitedLog("exporter")
 
@@ -54,6 +55,15 @@ _BFD_PORTS = (3784, 3785)
 #: tunnel source port per inner flow cannot grow it without end.
 _PART_CACHE_MAX = 4096
 _BFD_DPORTS = (b"\x0e\xc8", b"\x0e\xc9")
+#: Template id of each layout, by tunnelled * 60 + ((l2 * 3 + l3) * 5 +
+#: l4) * 2 + direction, as big-endian u16: the C key builder's table.
+_TEMPLATE_IDS = b"".join(
+    struct.pack("!H", t.template_id(l2, l3, l4, d, tun))
+    for tun in (False, True)
+    for l2 in (t.L2_ETH, t.L2_VLAN)
+    for l3 in (t.L3_NONE, t.L3_IPV4, t.L3_IPV6)
+    for l4 in (t.L4_NONE, t.L4_TCP, t.L4_UDP, t.L4_SCTP, t.L4_ICMP)
+    for d in (t.INGRESS, t.EGRESS))
 
 
 class ExporterStats:
@@ -105,9 +115,9 @@ class ExporterStats:
             "%s=%d" % (label, getattr(self, name))
             for name, label in self.ENDED.values())
 
-    def count_ended(self, flows) -> None:
-        """Count expired flows by their flowEndReason."""
-        reasons = collections.Counter(f.reason for f in flows)
+    def count_ended(self, reasons) -> None:
+        """Count expired flows by flowEndReason: ``reasons`` maps a
+        reason to how many flows left by it (group_expired's)."""
         for reason, n in reasons.items():
             name = self.ENDED.get(reason)
             if name is not None:
@@ -151,6 +161,17 @@ class Exporter:
         if self.is_bridge:
             self._count = UINT32_MAX // o.probability
         self._forget_parts()
+        # What the C loop needs to know (fastpath.C.sample_batch).
+        if self.is_bridge:
+            self._c_params = (
+                BridgeSample, FlowSample, True, self._count,
+                o.obs_domain_id, o.obs_point_id & UINT32_MAX,
+                o.enable_input_sampling, o.enable_output_sampling,
+                self._iface_part, self._tunnel_part, _TEMPLATE_IDS)
+        else:
+            self._c_params = (BridgeSample, FlowSample, False, 0, 0, 0,
+                              False, False, self._iface_part,
+                              self._tunnel_part, _TEMPLATE_IDS)
         # other_config:virtual_obs_id: sent after the key of every record
         # (a variable-length string, RFC 7011 section 7: 1-byte length),
         # in the templates that carry virtualObsID.
@@ -334,27 +355,50 @@ class Exporter:
                      obs_domain_id, obs_point_id, d, input_port,
                      output_port, now, False, tunnel)
 
-    def sample_bridge_batch(self, samples, now: float) -> None:
-        """Many bridge samples at once: the hot path.
+    def sample_batch(self, samples, now: float) -> None:
+        """Many samples at once: the hot path.
 
-        ``samples``: objects with ``frame``, ``orig_len``,
-        ``input_port``, ``output_port``, ``probability`` and ``tunnel``
-        (upcall.BridgeSample); each counts UINT32_MAX // its own
-        probability packets (the datapath may have sampled it at a rate
-        the IPFIX row no longer says).
-
-        Plain IPv4 frames (no VLAN, no IP options, not a later fragment)
-        carrying TCP, UDP, SCTP or ICMP, and no tunnel metadata, take a
-        fast path that builds the key from slices of the frame;
-        ``tests/test_exporter.py`` checks that it gives exactly what
-        ``packet.parse`` gives.  Everything else goes through
-        ``packet.parse``.  The fast path runs in C
-        when ``fastpath.C`` is built (same results:
-        ``tests/test_fastpath.py``), else in the Python below.
+        ``samples``: a list of upcall.BridgeSample and upcall.FlowSample
+        values, in any mix; each is aggregated exactly as
+        ``sample_bridge`` or ``sample_flow`` would (a bridge sample counts
+        UINT32_MAX // its own probability packets: the datapath may have
+        sampled it at a rate the IPFIX row no longer says).  With the C
+        extension built (``fastpath.C``) the key of every frame kind is
+        built in C and the cache updated there (same results:
+        ``tests/test_fastpath.py``), tunnel parts included; a sample it
+        leaves (a value out of range) goes through the methods below.  Without
+        it, plain IPv4 bridge samples take the Python twin of that loop
+        (``_sample_batch_py``: it doubles the pure-Python speed, see
+        tools/BENCHMARKS.md) and everything else goes through those
+        methods (``packet.parse`` + ``FlowCache.add``).
         """
         if fastpath.C is not None:
-            self._sample_bridge_batch_c(samples, now)
+            batch = fastpath.C.sample_batch
+            if type(samples) is not list:
+                samples = list(samples)
+            params = self._c_params
+            cache = self.cache
+            st = self.stats
+            n = len(samples)
+            i = 0
+            while i < n:
+                i = batch(samples, i, now, params, cache, st)
+                if i < n:
+                    self._sample_one(samples[i], now)
+                    i += 1
             return
+        self._sample_batch_py(samples, now)
+
+    #: The daemon's name for it before flow samples took the same path.
+    sample_bridge_batch = sample_batch
+
+    def _sample_batch_py(self, samples, now: float) -> None:
+        """sample_batch in pure Python.  Plain IPv4 bridge samples (no
+        VLAN, no IP options, not a later fragment, no tunnel) carrying
+        TCP, UDP, SCTP or ICMP get their key from slices of the frame;
+        ``tests/test_exporter.py`` checks that it is exactly what
+        ``packet.parse`` gives.  Everything else goes through
+        ``_sample_one``."""
         heads_for = self._heads_for
         add_many = self.cache.add_many
         # Fast-path samples wait here and go to the cache in one call;
@@ -367,88 +411,61 @@ class Exporter:
         # Probability and ports repeat from one sample to the next:
         # look them up again only when they change.
         last_p = last_in = last_out = count = h = None
-        for s in samples:
-            p = s.probability
-            if p != last_p:
-                count = UINT32_MAX // p if p else self._count
-                last_p = p
-            f = s.frame
-            out_port = s.output_port
-            in_port = s.input_port
-            if in_port != last_in or out_port != last_out:
-                h = heads_for(in_port, out_port)
-                last_in = in_port
-                last_out = out_port
-            if (h is not None and s.tunnel is None and len(f) >= 42
-                    and f[12] == 8
-                    and f[13] == 0 and f[14] == 0x45
-                    and not (f[20] & 0x1F or f[21])):
-                fast = h.get(f[23])
-                # The whole L4 header must lie inside the IP packet and
-                # the frame (else packet.parse zeroes the L4 fields).
-                if fast is not None and fast[4] <= (
-                        f[16] << 8 | f[17]) and fast[4] + 14 <= len(f) \
-                        and not (f[23] == 17 and f[36:38] in bfd_dports):
-                    head, mid, l4_end, is_tcp, _ = fast
-                    frame_len = s.orig_len
-                    if frame_len < len(f):
-                        frame_len = len(f)
-                    n_v4 += 1
-                    push((b"".join((head, f[6:12], f[0:6], mid, f[22:24],
-                                    tos_fields[f[15]], f[26:l4_end])),
-                          count, frame_len, frame_len - 14,
-                          ((f[46] & 0x0F) << 8 | f[47]) if is_tcp else 0))
-                    continue
+        try:
+            for s in samples:
+                if type(s) is not BridgeSample or s.tunnel is not None:
+                    h = None
+                else:
+                    p = s.probability
+                    if p != last_p:
+                        count = UINT32_MAX // p if p else self._count
+                        last_p = p
+                    out_port = s.output_port
+                    in_port = s.input_port
+                    if in_port != last_in or out_port != last_out or h is None:
+                        h = heads_for(in_port, out_port)
+                        last_in = in_port
+                        last_out = out_port
+                f = s.frame
+                if (h is not None and len(f) >= 42 and f[12] == 8
+                        and f[13] == 0 and f[14] == 0x45
+                        and not (f[20] & 0x1F or f[21])):
+                    fast = h.get(f[23])
+                    # The whole L4 header must lie inside the IP packet and
+                    # the frame (else packet.parse zeroes the L4 fields).
+                    if fast is not None and fast[4] <= (
+                            f[16] << 8 | f[17]) and fast[4] + 14 <= len(f) \
+                            and not (f[23] == 17 and f[36:38] in bfd_dports):
+                        head, mid, l4_end, is_tcp, _ = fast
+                        frame_len = s.orig_len
+                        if frame_len < len(f):
+                            frame_len = len(f)
+                        n_v4 += 1
+                        push((b"".join((head, f[6:12], f[0:6], mid, f[22:24],
+                                        tos_fields[f[15]], f[26:l4_end])),
+                              count, frame_len, frame_len - 14,
+                              ((f[46] & 0x0F) << 8 | f[47]) if is_tcp else 0))
+                        continue
+                if pending:
+                    todo = pending[:]
+                    pending.clear()
+                    flows += add_many(todo, now)
+                self._sample_one(s, now)
+        finally:
+            # Also when a sample raises: the samples before it are
+            # aggregated and counted, as on the C path.
             if pending:
-                flows += add_many(pending, now)
+                todo = pending[:]
                 pending.clear()
-            self.sample_bridge(f, s.orig_len, in_port, out_port, now, p,
-                               s.tunnel)
-        if pending:
-            flows += add_many(pending, now)
-        st = self.stats
-        st.pkts += n_v4
-        st.ipv4_ok += n_v4
-        st.flows += flows
-
-    def _sample_bridge_batch_c(self, samples, now: float) -> None:
-        """sample_bridge_batch through the C fast path: it aggregates
-        samples up to the first it does not take, which goes to
-        sample_bridge(), with the ones after it that are no plain IPv4
-        (a call into C costs as much as its set-up: IPv6 or VLAN
-        traffic must not pay it per sample); then C again."""
-        if type(samples) is not list:
-            samples = list(samples)
-        batch = fastpath.C.bridge_batch
-        count = self._count if self.is_bridge else 0
-        heads_for = self._heads_for
-        tos_fields = packet.TOS_FIELDS
-        cache = self.cache
-        st = self.stats
-        n = len(samples)
-        i = 0
-        while i < n:
-            i, fast, new = batch(samples, i, now, count, heads_for,
-                                 tos_fields, cache)
-            st.pkts += fast
-            st.ipv4_ok += fast
-            st.flows += new
-            while i < n:
-                s = samples[i]
-                self.sample_bridge(s.frame, s.orig_len, s.input_port,
-                                   s.output_port, now, s.probability,
-                                   s.tunnel)
-                i += 1
-                # Back to C at the next frame that may be plain IPv4
-                # (EtherType 0x0800, a 20-byte IPv4 header) and carries
-                # no tunnel metadata (the C declines those).
-                if (i < n and samples[i].frame[12:15] == b"\x08\x00\x45"
-                        and samples[i].tunnel is None):
-                    break
+                flows += add_many(todo, now)
+            st = self.stats
+            st.pkts += n_v4
+            st.ipv4_ok += n_v4
+            st.flows += flows
 
     def _heads_for(self, in_port, out_port):
-        """The fast path's key pieces for a port pair (_fast_heads),
-        built once per pair and options."""
+        """The Python fast path's key pieces for a port pair
+        (_fast_heads), built once per pair and options."""
         hk = (in_port, out_port)
         try:
             return self._heads[hk]
@@ -459,10 +476,10 @@ class Exporter:
             return h
 
     def _fast_heads(self, domain, point, in_port, out_port):
-        """Key pieces of the fast path for one (input, output) port pair:
-        {IP protocol: (prefix + head, middle, end of L4 part, is TCP,
-        IP packet bytes the fast path needs)},
-        or None when this direction is not sampled.
+        """Key pieces of the Python fast path for one (input, output)
+        port pair: {IP protocol: (prefix + head, middle, end of L4 part,
+        is TCP, IP packet bytes the fast path needs)}, or None when this
+        direction is not sampled.
         """
         o = self.options
         if out_port is None:
@@ -487,6 +504,15 @@ class Exporter:
             mid = b"\x08\x00\x0e" + iface + b"\x04"
             out[proto] = (head, mid, end, proto == 6, need)
         return out
+
+    def _sample_one(self, s, now: float) -> None:
+        if type(s) is FlowSample:
+            self.sample_flow(s.frame, s.orig_len, s.input_port,
+                             s.output_port, s.probability, s.obs_domain_id,
+                             s.obs_point_id, s.direction, now, s.tunnel)
+        else:
+            self.sample_bridge(s.frame, s.orig_len, s.input_port,
+                               s.output_port, now, s.probability, s.tunnel)
 
     def _sample(self, frame, orig_len, count, domain, point, direction,
                 in_port, out_port, now, skip_bfd, tunnel=None):
@@ -559,13 +585,8 @@ class Exporter:
         # variable-length fields (interface names, tunnel key) make
         # records of one template differ in length, and a RecordBlock
         # holds records of one length.
-        groups: Dict = {}
-        for f in flows:
-            gk = (f.key[:6], len(f.key))
-            g = groups.get(gk)
-            if g is None:
-                g = groups[gk] = []
-            g.append(f)
+        groups, reasons = (fastpath.C.group_expired if fastpath.C
+                           else group_expired)(flows)
         vobs, vobs_offset = self._vobs, self._vobs_offset
         pack = fastpath.C.pack_records if fastpath.C else pack_records
         by_domain: Dict[int, List] = {}
@@ -581,7 +602,7 @@ class Exporter:
                 (tid, template.record, message.RecordBlock(
                     data, len(data) // len(group), packets, octets)))
         self.stats.records += len(flows)
-        self.stats.count_ended(flows)
+        self.stats.count_ended(reasons)
         for domain, tgroups in by_domain.items():
             for msg in self.writer.data_messages(domain, now, tgroups):
                 self._send(msg)
@@ -652,6 +673,25 @@ class Exporter:
             lines.append("%sbad target %s: %s" % (" " * len(head), spec,
                                                   why))
         return "\n".join(lines)
+
+
+def group_expired(flows):
+    """``(groups, reasons)``: expired flows grouped by (their key's
+    first 6 bytes: domain and template id, the key's length), in order
+    of first appearance and in expiry order within each group (the
+    variable-length fields, interface names and tunnel key, make records
+    of one template differ in length, and a RecordBlock holds records of
+    one length); and {flowEndReason: how many flows}.
+    (``fastpath.C.group_expired`` does the same in C;
+    tests/test_fastpath.py checks both.)"""
+    groups: Dict = {}
+    for f in flows:
+        gk = (f.key[:6], len(f.key))
+        g = groups.get(gk)
+        if g is None:
+            g = groups[gk] = []
+        g.append(f)
+    return groups, dict(collections.Counter(f.reason for f in flows))
 
 
 def pack_records(flows, vobs: bytes, ip: bool, tcp: bool):

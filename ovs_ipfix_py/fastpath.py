@@ -1,11 +1,17 @@
 """Which hot path runs: the optional C one or pure Python.
 
 ``ovs_ipfix_py/_fastpath.c`` (built at install where a C compiler and the
-Python headers are there) holds two loops: the channel decoder's
-cache-hit branch (``upcall._decode``) and the exporter's plain-IPv4
-aggregation (``Exporter.sample_bridge_batch``).  The Python code is their
-specification and runs whenever the extension is missing;
-``tests/test_fastpath.py`` checks that both give identical results.
+Python headers are there) holds the hot loops: the channel decoder's
+cache-hit branch (``upcall._decode``), the exporter's aggregation of
+bridge and flow samples of every frame kind (``Exporter.sample_batch``:
+``packet.parse`` + ``FlowCache.add`` in Python), the flow cache's index
+(``FlowIndex`` for a dict), the export's grouping and packing
+(``exporter.group_expired``, ``pack_records``), the daemon's dispatch
+(``Daemon.handle_upcalls``) and the replay's pcap-to-datagram loop
+(``replay.replay``).  The Python code is their specification and runs
+whenever the extension is missing; ``tests/test_fastpath.py`` (and
+``tests/test_replay.py`` for the replay) check that both give identical
+results.
 
 ``C`` is the extension module, or None: not built, or the environment
 sets ``OVS_IPFIX_PY_PURE=1`` (read once, at import).  Callers read

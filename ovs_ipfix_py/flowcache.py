@@ -4,11 +4,14 @@ Flows are keyed by their encoded key bytes (observation domain and
 template id first, then the data record's key part), so export writes
 the key out as it is.  Aggregates live in three typed arrays, grouped
 by flow and indexed by a slot number: 60 bytes a flow instead of
-several hundred for a list of Python ints, which keeps a million-flow
-cache under 250 bytes a flow in all.  The arrays are typed views of one
-anonymous memory mapping, not heap blocks: a page is resident once a
-flow has used it, and growing (a new mapping twice the size, the old
-one unmapped) leaves no hole in the heap behind.
+several hundred for a list of Python ints.  Where the C extension is
+built, the index (key -> slot) is its FlowIndex, an open-addressing
+table that holds no int object per flow; with it a million-flow cache
+takes under 200 bytes a flow in all (a dict index: about 240).  The
+arrays are typed views of one anonymous memory mapping, not heap
+blocks: a page is resident once a flow has used it, and growing (a new
+mapping twice the size, the old one unmapped) leaves no hole in the
+heap behind.
 
 Expiry follows OVS's dpif_ipfix_cache_expire(): flows leave oldest
 started first, so a FIFO of keys in start order is all the index
@@ -125,7 +128,10 @@ class FlowCache:
                  tcp_end_of_flow: bool = False):
         self.active_timeout = active_timeout
         self.max_flows = max_flows
-        self.index = {}          # key -> slot
+        # key -> slot: a dict, or where the C extension is built its
+        # FlowIndex (the same mapping as an open-addressing table: no
+        # int object per flow, no dict entry; see _fastpath.c).
+        self.index = fastpath.C.FlowIndex() if fastpath.C else {}
         self.order = deque()     # keys, oldest started first
         self._order_stale = {}   # key -> its entries in order to skip
         self._n_order_stale = 0
@@ -253,7 +259,7 @@ class FlowCache:
         index[key] = slot
         self.order.append(key)
         if self.idle_timeout:
-            # (bridge_batch in _fastpath.c does the same when the
+            # (sample_batch in _fastpath.c does the same when the
             # bucket is the tail, else calls here.)
             b = math.ceil((now + self.idle_timeout) / IDLE_STEP)
             if b == self._idle_tail_b:
@@ -303,7 +309,7 @@ class FlowCache:
         self._idle_buckets = {}   # bucket -> [key] (deadline bucket*STEP)
         self._idle_heap = []      # the buckets' numbers
         self._idle_stale = {}     # key -> its wheel entries to skip
-        # The bucket new flows go to now (bridge_batch appends to it).
+        # The bucket new flows go to now (sample_batch appends to it).
         self._idle_tail = None
         self._idle_tail_b = None
         self._ending = deque()    # (deadline, key) in deadline order
@@ -482,8 +488,10 @@ class FlowCache:
         else:
             # _remove_oldest for every flow in one C pass; the index and
             # the order are emptied at the end, not one entry at a time.
-            # (The index holds the live flows in start order.)
-            keys = list(self.index)
+            # (A dict index holds the live flows in start order; a
+            # FlowIndex holds them by slot, so they come from the order.)
+            keys = (list(self.index) if type(self.index) is dict
+                    else self._live_order())
             self.expired += fastpath.C.expired_flows(
                 ExpiredFlow, keys, list(map(self.index.__getitem__, keys)),
                 self.times, self.counters, self.small, FORCED_END)
@@ -494,6 +502,16 @@ class FlowCache:
         self._reset_rules()
         self._reset_slots()
         return n
+
+    def _live_order(self) -> list:
+        """The cached flows' keys in start order: the order without its
+        stale entries (a key's stale entries come before its live
+        one)."""
+        stale = self._order_stale
+        if not stale:
+            return list(self.order)
+        left = dict(stale)
+        return [key for key in self.order if not _skip_stale(left, key)]
 
     def _reset_slots(self) -> None:
         # An empty cache reuses its slots from the start, which keeps

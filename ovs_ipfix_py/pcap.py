@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from typing import Iterable, Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 LINKTYPE_ETHERNET = 1
 
@@ -101,6 +101,35 @@ def _load(path: str):
             raise PcapError(f"{path}: cannot read: {e.strerror}") from None
 
 
+def classic_pcap(path: str) -> Optional[Tuple[object, bool]]:
+    """``(buffer, little_endian)`` of a classic pcap capture of Ethernet
+    frames, for a reader that walks its records itself from byte 24 (the
+    replay's C loop), then hands over to :func:`read_frames_from`; None
+    for any other file (read it with :func:`read_frames`, which says
+    what is wrong with it)."""
+    try:
+        buf = _load(path)
+    except PcapError:
+        return None
+    head = bytes(buf[:4])
+    if head not in _PCAP_MAGICS or len(buf) < 24:
+        return None
+    endian, _ = _PCAP_MAGICS[head]
+    if struct.unpack_from(endian + "I", buf, 20)[0] & 0xFFFF \
+            != LINKTYPE_ETHERNET:
+        return None
+    return buf, endian == "<"
+
+
+def read_frames_from(path: str, buf, offset: int, count: int
+                     ) -> Iterator[Frame]:
+    """:func:`read_frames` of a classic pcap capture (``buf`` from
+    :func:`classic_pcap`) from the record at byte ``offset``, after
+    ``count`` packets (for the messages)."""
+    endian, scale = _PCAP_MAGICS[bytes(buf[:4])]
+    return _read_pcap(path, buf, endian, scale, offset, count)
+
+
 def read_frames(path: str) -> Iterator[Frame]:
     """Yield ``(timestamp_s, frame, orig_len)`` for each packet of the
     capture at ``path``, in file order.  ``timestamp_s``: seconds since
@@ -132,11 +161,10 @@ def read_frames(path: str) -> Iterator[Frame]:
                     f"{head.hex()})")
 
 
-def _read_pcap(path, buf, endian: str, scale: float) -> Iterator[Frame]:
+def _read_pcap(path, buf, endian: str, scale: float, off: int = 24,
+               count: int = 0) -> Iterator[Frame]:
     unpack = struct.Struct(endian + "IIII").unpack_from
     size = len(buf)
-    off = 24
-    count = 0
     while off + 16 <= size:
         sec, frac, incl, orig = unpack(buf, off)
         start = off + 16

@@ -53,7 +53,7 @@ from typing import Iterable, NamedTuple, Optional, Tuple
 
 import ovs.dirs
 
-from ovs_ipfix_py import decap, upcall
+from ovs_ipfix_py import decap, fastpath, pcap, upcall
 from ovs_ipfix_py.pcap import PcapError, read_frames
 
 PROG = "ovs-ipfix-replay"
@@ -219,14 +219,50 @@ def _max_frame(template, max_datagram: int) -> int:
     return max(0, min(upcall.MAX_FRAME_SIZE, room & ~3))
 
 
+class Progress:
+    """One line on a terminal, rewritten in place: frames sent so far
+    and the rate.  Shown from ``after`` s into the replay, at most every
+    ``every`` s; ``clear()`` erases it before the summary line."""
+
+    def __init__(self, stream, after: float = 1.0, every: float = 0.5):
+        self.stream = stream
+        self.t0 = time.monotonic()
+        self.next = self.t0 + after
+        self.every = every
+        self.shown = False
+
+    def __call__(self, samples: int) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + self.every
+        rate = samples / (now - self.t0)
+        self.stream.write(f"\r{PROG}: {samples} frames sent, "
+                          f"{rate:,.0f} frames/s\033[K")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+#: Packets between two looks at the clock for the progress line.
+_PROGRESS_EVERY = 1 << 14
+
+
 def replay(frames: Iterable, sock: socket.socket, template,
            pick: float = 1.0, seed: int = 0, rate: Optional[float] = None,
-           max_datagram: int = DEFAULT_MAX_DATAGRAM) -> Summary:
+           max_datagram: int = DEFAULT_MAX_DATAGRAM,
+           progress=None) -> Summary:
     """Send ``frames`` ((ts, frame, orig_len) items) as upcalls built
     from ``template`` (its frame/orig_len replaced) on the connected
     ``sock``; each packet is picked with probability ``pick``; ``rate``
-    (packets/s) paces the packets read.  Returns the Summary.  Raises
-    PcapError from the file, OSError from the socket."""
+    (packets/s) paces the packets read; ``progress(samples sent)`` is
+    called now and then.  Returns the Summary.  Raises PcapError from
+    the file, OSError from the socket."""
     t0 = time.monotonic()
     batcher = upcall.FrameBatcher(template, max_datagram)
     add = batcher.add
@@ -248,6 +284,8 @@ def replay(frames: Iterable, sock: socket.socket, template,
                 if d is not None:
                     send(d)
                     datagrams += 1
+                if progress is not None:
+                    progress(samples)
                 time.sleep(due - now)
         if not sample_all and rnd() >= pick:
             continue
@@ -258,11 +296,54 @@ def replay(frames: Iterable, sock: socket.socket, template,
         if d is not None:
             send(d)
             datagrams += 1
+        if progress is not None and not packets % _PROGRESS_EVERY:
+            progress(samples)
     d = batcher.flush()
     if d is not None:
         send(d)
         datagrams += 1
     return Summary(packets, samples, datagrams, time.monotonic() - t0)
+
+
+def replay_file(path: str, sock: socket.socket, template,
+                pick: float = 1.0, seed: int = 0,
+                rate: Optional[float] = None,
+                max_datagram: int = DEFAULT_MAX_DATAGRAM,
+                progress=None) -> Summary:
+    """``replay`` of the capture at ``path``.  Every packet of a classic
+    pcap file, unpaced, goes through the C loop
+    (``fastpath.C.pcap_datagram``: one call per datagram, no Python per
+    frame), the rest of the file (from a record it does not take) and
+    any other case through ``replay``: same datagrams either way."""
+    raw = None
+    if fastpath.C is not None and pick >= 1.0 and not rate:
+        raw = pcap.classic_pcap(path)
+    if raw is None:
+        return replay(read_frames(path), sock, template, pick, seed, rate,
+                      max_datagram, progress)
+    t0 = time.monotonic()
+    buf, little = raw
+    kind, prefix = upcall.frame_prefix(template)
+    limit = _max_frame(template, max_datagram)
+    step = fastpath.C.pcap_datagram
+    send = sock.send
+    off, packets, datagrams = 24, 0, 0
+    while True:
+        off, d, n = step(buf, off, little, limit, kind, prefix,
+                         max_datagram)
+        if not n:
+            break
+        send(d)
+        packets += n
+        datagrams += 1
+        if progress is not None:
+            progress(packets)
+    rest = Summary(0, 0, 0, 0.0)
+    if off < len(buf):
+        rest = replay(pcap.read_frames_from(path, buf, off, packets), sock,
+                      template, 1.0, seed, None, max_datagram, progress)
+    return Summary(packets + rest.packets, packets + rest.samples,
+                   datagrams + rest.datagrams, time.monotonic() - t0)
 
 
 def _connect(path: str) -> socket.socket:
@@ -287,22 +368,28 @@ def _connect(path: str) -> socket.socket:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        frames = read_frames(args.file)
+        read_frames(args.file)      # says what is wrong with the file
         template, pick = _template(args)
         sock = _connect(args.channel)
+        progress = Progress(sys.stderr) if sys.stderr.isatty() else None
         try:
             if args.tunnel_port is not None:
-                summary = decap.replay(frames, sock, template,
-                                       args.tunnel_port, pick, args.seed,
-                                       args.rate, args.max_datagram)
+                # Frames decapsulated one by one (ovs_ipfix_py.decap).
+                summary = decap.replay(read_frames(args.file), sock,
+                                       template, args.tunnel_port, pick,
+                                       args.seed, args.rate,
+                                       args.max_datagram)
             else:
-                summary = replay(frames, sock, template, pick, args.seed,
-                                 args.rate, args.max_datagram)
+                summary = replay_file(args.file, sock, template, pick,
+                                      args.seed, args.rate,
+                                      args.max_datagram, progress)
         except OSError as e:
             raise ReplayError(f"sending to {args.channel} failed: "
                               f"{e.strerror or e}") from None
         finally:
             sock.close()
+            if progress is not None:
+                progress.clear()
     except (PcapError, ReplayError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

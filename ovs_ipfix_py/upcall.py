@@ -887,6 +887,14 @@ class FrameBatcher:
         return d
 
 
+def frame_prefix(template) -> Tuple[int, bytes]:
+    """``(kind, bytes after the frame)`` of ``template``'s upcalls, as
+    :class:`FrameBatcher` writes them (for the replay's C loop,
+    ``fastpath.C.pcap_datagram``).  ValueError: a value the format
+    cannot carry."""
+    return _prefix(template)
+
+
 def pack_batches(upcalls: Iterable, max_size: int = 65000
                  ) -> Iterator[bytes]:
     """Encode upcalls into datagrams of at most ``max_size`` bytes each,

@@ -49,6 +49,7 @@ Rules the truth follows (see /tmp/semantics.md):
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import random
 import struct
 from dataclasses import dataclass
@@ -1079,3 +1080,100 @@ def many_flows(n_flows: int, n_packets: int, seed: int = 1
             yield eth + udp_pack(0x45, tos, ip_len, 0, 0x4000, ttl, proto,
                                  ip_csum, src, dst, sport, dport, l4_len,
                                  csum) + zeros[:l4_len - 8]
+
+
+#: mixed_flows' kinds and their share of the flows (percent): about half
+#: plain IPv4, then IPv6, VLAN-tagged IPv4 and IPv6, QinQ, IPv4 with
+#: options, fragments, IPv6 extension headers, ARP, 802.3/LLC and frames
+#: cut short by the capture (orig_len kept).
+MIXED_KINDS = (
+    ("ipv4-tcp", 25), ("ipv4-udp", 20), ("ipv4-icmp", 2), ("ipv4-sctp", 1),
+    ("ipv4-options", 4), ("ipv4-fragment", 2),
+    ("ipv6-tcp", 12), ("ipv6-udp", 8), ("ipv6-icmpv6", 3),
+    ("ipv6-ext", 2), ("vlan-ipv4", 8), ("vlan-ipv6", 5), ("qinq-ipv4", 2),
+    ("arp", 3), ("llc", 1), ("cut", 2))
+
+
+def _mixed_frame(kind: str, k: int, rng: random.Random) -> Tuple[bytes,
+                                                                 int]:
+    """Flow k's frame and its original length: addresses, ports and the
+    source MAC derived from k, so every flow is distinct."""
+    src_mac = "02:%02x:%02x:%02x:%02x:01" % (
+        k >> 24 & 255, k >> 16 & 255, k >> 8 & 255, k & 255)
+    v4s = "10.%d.%d.%d" % (k >> 16 & 255, k >> 8 & 255, k & 255)
+    v4d = "198.19.%d.%d" % (rng.randrange(256), rng.randrange(1, 255))
+    v6s = "2001:db8:%x::%x" % (k >> 16, k & 0xFFFF)
+    v6d = "2001:db8:ffff::%x" % rng.randrange(1, 0xFFFF)
+    sport, dport = 1024 + k % 60000, rng.choice((80, 443, 53, 8080))
+    body = bytes(rng.choice((0, 0, 40, 200, 600, 1400)))
+    tags = ()
+    if kind.startswith("vlan-"):
+        tags = (dot1q(rng.randrange(1, 4095), rng.randrange(8)),)
+    elif kind.startswith("qinq-"):
+        tags = (dot1q(rng.randrange(1, 4095), tpid=ETH_TYPE_8021AD),
+                dot1q(rng.randrange(1, 4095)))
+    if kind in ("arp", "llc"):
+        if kind == "arp":
+            return ethernet(arp(spa=v4s, tpa=v4d), src=src_mac,
+                            ethertype=ETH_TYPE_ARP), 60
+        f = ethernet(llc(), src=src_mac, ethertype=None)
+        return f, len(f)
+    v6 = kind.startswith("ipv6") or kind == "vlan-ipv6"
+    proto = IPPROTO_TCP if k % 2 else IPPROTO_UDP
+    if kind.endswith("icmp"):
+        proto, l4 = IPPROTO_ICMP, icmp(8, 0, payload=body)
+    elif kind.endswith("icmpv6"):
+        proto, l4 = IPPROTO_ICMPV6, icmpv6(128, 0, payload=body)
+    elif kind.endswith("sctp"):
+        proto, l4 = IPPROTO_SCTP, sctp(sport, dport, body or b"x")
+    elif proto == IPPROTO_TCP:
+        l4 = tcp(sport, dport, payload=body)
+    else:
+        l4 = udp(sport, dport, body)
+    if v6:
+        ext = (hop_by_hop(),) if kind == "ipv6-ext" else ()
+        pkt = ipv6(l4, src=v6s, dst=v6d, proto=proto, ext_headers=ext,
+                   tclass=rng.randrange(256))
+        f = ethernet(pkt, src=src_mac, ethertype=ETH_TYPE_IPV6, tags=tags)
+    else:
+        opts = b"\x94\x04\x00\x00" if kind == "ipv4-options" else b""
+        frag = kind == "ipv4-fragment"
+        pkt = ipv4(l4, src=v4s, dst=v4d, proto=proto, options=opts,
+                   tos=rng.randrange(64) << 2, mf=frag and k % 2 == 0,
+                   frag_offset=185 if frag and k % 2 else 0)
+        f = ethernet(pkt, src=src_mac, tags=tags)
+    if kind == "cut":
+        return f[:54], len(f)
+    return f, len(f)
+
+
+def mixed_flows(n_flows: int, n_packets: int, seed: int = 1,
+                skew: float = 1.0) -> Iterator[Tuple[bytes, int]]:
+    """``(frame, orig_len)`` for ``n_packets`` packets over ``n_flows``
+    flows of every kind in ``MIXED_KINDS`` (shares of the flows as
+    given), with heavy-tailed flow sizes: the first ``n_flows`` packets
+    visit every flow once in a shuffled order, later ones pick flow
+    rank r with weight 1 / r ** ``skew`` (Zipf), ranks shuffled over
+    the kinds.  Every flow is distinct in every key (source MAC and
+    addresses derived from its number); frames of a flow repeat.
+    Deterministic per ``seed``.
+    """
+    if n_flows < 1:
+        raise ValueError("n_flows must be >= 1")
+    rng = random.Random(seed)
+    names = [name for name, _ in MIXED_KINDS]
+    weights = [w for _, w in MIXED_KINDS]
+    kinds = rng.choices(names, weights, k=n_flows)
+    flows = [_mixed_frame(kind, k, rng) for k, kind in enumerate(kinds)]
+    order = list(range(n_flows))
+    rng.shuffle(order)
+    for k in order[:n_packets]:
+        yield flows[k]
+    rest = n_packets - n_flows
+    if rest > 0:
+        ranked = list(range(n_flows))
+        rng.shuffle(ranked)
+        cum = list(itertools.accumulate(
+            1.0 / (r + 1) ** skew for r in range(n_flows)))
+        for k in rng.choices(ranked, cum_weights=cum, k=rest):
+            yield flows[k]

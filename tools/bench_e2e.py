@@ -39,7 +39,7 @@ if ROOT not in sys.path:
 
 from ovs_ipfix_py.pcap import write_pcap  # noqa: E402
 from tests.support.ovsdb import OvsdbServer  # noqa: E402
-from tests.traffic import many_flows  # noqa: E402
+from tests.traffic import many_flows, mixed_flows  # noqa: E402
 from tools import arrivals  # noqa: E402
 
 T0 = 1_700_000_000.0
@@ -70,11 +70,21 @@ def console_script(name: str, module: str) -> List[str]:
     return [sys.executable, "-m", module]
 
 
-def make_pcap(path: str, sizes: Sizes) -> int:
+#: The captures: the realistic mix (the headline) and plain IPv4.
+CAPTURES = ("mixed", "plain")
+
+
+def make_pcap(path: str, sizes: Sizes, capture: str = "plain") -> int:
     """Write the capture; returns its size in bytes.  Packets 1 us
-    apart."""
-    write_pcap(path, ((T0 + i * 1e-6, f) for i, f in enumerate(
-        many_flows(sizes.flows, sizes.packets, SEED))))
+    apart.  "plain": tests/traffic.py:many_flows (IPv4 TCP and UDP,
+    uniform picks); "mixed": tests/traffic.py:mixed_flows (every frame
+    kind, heavy-tailed flow sizes, some frames cut by the capture)."""
+    if capture == "mixed":
+        write_pcap(path, ((T0 + i * 1e-6, f, n) for i, (f, n) in enumerate(
+            mixed_flows(sizes.flows, sizes.packets, SEED))))
+    else:
+        write_pcap(path, ((T0 + i * 1e-6, f) for i, f in enumerate(
+            many_flows(sizes.flows, sizes.packets, SEED))))
     return os.path.getsize(path)
 
 
@@ -428,9 +438,10 @@ def run_softflowd(pcap: str, sizes: Sizes) -> Optional[Softflowd]:
 
 
 def run(sizes: Sizes, with_softflowd: bool = True,
-        progress=None) -> Dict:
-    """Generate the pcap in a temporary directory, run ours (and
-    softflowd), remove everything; a dict of results for bench.py."""
+        progress=None, capture: str = "plain") -> Dict:
+    """Generate the pcap (``capture``: see make_pcap) in a temporary
+    directory, run ours (and softflowd), remove everything; a dict of
+    results for bench.py."""
     say = progress or (lambda _m: None)
     # $TMPDIR if set (the smoke test points it at a directory of its
     # own), else /tmp: unix socket paths inside must stay short.
@@ -438,10 +449,10 @@ def run(sizes: Sizes, with_softflowd: bool = True,
                                dir=os.environ.get("TMPDIR") or "/tmp")
     try:
         pcap = os.path.join(workdir, "flows.pcap")
-        say("writing %s (%d packets, %d flows)"
-            % (pcap, sizes.packets, sizes.flows))
+        say("writing %s (%s: %d packets, %d flows)"
+            % (pcap, capture, sizes.packets, sizes.flows))
         t = time.perf_counter()
-        size = make_pcap(pcap, sizes)
+        size = make_pcap(pcap, sizes, capture)
         res: Dict = {"sizes": sizes._asdict(), "pcap_bytes": size,
                      "pcap_s": time.perf_counter() - t}
         if with_softflowd:

@@ -2,9 +2,12 @@
 
 What is measured, all through the public API of ``ovs_ipfix_py``:
 
-- samples/s through parse + cache: ``Exporter.sample_bridge_batch``
-  (the daemon's hot path) fed ``upcall.BridgeSample`` values in batches
-  of :data:`BATCH`, at several numbers of distinct flows;
+- samples/s through parse + cache: ``Exporter.sample_batch`` (the
+  daemon's hot path) fed ``upcall.BridgeSample`` values in batches of
+  :data:`BATCH`: first the realistic mix (``tests/traffic.py:
+  mixed_flows``: every frame kind, heavy-tailed flow sizes, 100k flows,
+  1M packets) on the C path and on the pure-Python one, then plain IPv4
+  at several numbers of distinct flows;
 - the same with encode: the stream, then ``Exporter.flush`` building
   IPFIX messages and sending them to a real loopback UDP socket;
 - the channel's decode in front of it: ``upcall.decode`` of datagrams
@@ -52,9 +55,9 @@ from ovs_ipfix_py.options import (  # noqa: E402
     CacheOptions,
     ExportOptions,
 )
-from tests.traffic import many_flows, traffic_mix  # noqa: E402
+from tests.traffic import many_flows, mixed_flows, traffic_mix  # noqa: E402,E501
 
-#: Samples per sample_bridge_batch call (the daemon hands over what one
+#: Samples per sample_batch call (the daemon hands over what one
 #: run of the channel read: up to 256 datagrams of ~80 upcalls each).
 BATCH = 1024
 #: Consecutive samples of one flow in the "bursts" stream.
@@ -77,12 +80,13 @@ class Sizes(NamedTuple):
     expire_big: int          # the big cache of the expiry rows
     expire_reps: int         # expirations timed per cache size
     mix_per_kind: int        # traffic_mix flows of each kind (mix row)
+    mixed: tuple             # (flows, packets) of the realistic mix
 
 
 FULL = Sizes((1_000, 100_000, 1_000_000), 1_000_000, 100_000, 1_000_000,
-             10_000, 1_000_000, 5, 300)
+             10_000, 1_000_000, 5, 300, (100_000, 1_000_000))
 QUICK = Sizes((1_000, 5_000, 20_000), 20_000, 5_000, 20_000,
-              1_000, 20_000, 3, 10)
+              1_000, 20_000, 3, 10, (2_000, 20_000))
 
 
 def label(n: int) -> str:
@@ -99,6 +103,22 @@ def make_samples(n_flows: int, seed: int = SEED) -> List:
     mk = upcall.BridgeSample
     return [mk("br0", 1, None, SAMPLING_ONE, f, len(f))
             for f in many_flows(n_flows, n_flows, seed)]
+
+
+def mixed_stream(n_flows: int, n_packets: int, seed: int = SEED):
+    """(one BridgeSample per flow, the stream of n_packets samples) of
+    tests/traffic.py:mixed_flows; the stream repeats the flows'
+    samples."""
+    made: Dict[int, upcall.BridgeSample] = {}
+    stream = []
+    mk = upcall.BridgeSample
+    for item in mixed_flows(n_flows, n_packets, seed):
+        s = made.get(id(item))
+        if s is None:
+            s = made[id(item)] = mk("br0", 1, None, SAMPLING_ONE, item[0],
+                                    item[1])
+        stream.append(s)
+    return list(made.values()), stream
 
 
 def uniform_stream(samples: Sequence, picks: int,
@@ -182,11 +202,11 @@ def fresh(samples: Sequence) -> List:
 
 
 def feed(exp: Exporter, stream: Sequence, now: float = T0) -> float:
-    """Push ``stream`` through sample_bridge_batch, BATCH samples per
+    """Push ``stream`` through sample_batch, BATCH samples per
     call, each batch freshly copied (untimed) before its call; returns
     the seconds spent in the calls.  ``now`` advances 1 us per sample,
     as a real clock would."""
-    batch = exp.sample_bridge_batch
+    batch = exp.sample_batch
     clock = time.perf_counter
     took = 0.0
     for i in range(0, len(stream), BATCH):
@@ -238,11 +258,11 @@ def median_run(fn, reps: int) -> Dict:
 def decode_throughput(samples: Sequence, stream: Sequence,
                       sink: Loopback) -> Dict:
     """Datagrams (pack_batches, 65000 bytes each, as ovs-ipfix-replay
-    sends) -> upcall.decode -> sample_bridge_batch."""
+    sends) -> upcall.decode -> sample_batch."""
     datagrams = list(upcall.pack_batches(stream, 65000))
     exp = new_exporter(sink.target, 2 * len(samples))
     decode = upcall.decode
-    batch = exp.sample_bridge_batch
+    batch = exp.sample_batch
     gc.collect()
     t = time.perf_counter()
     # As ChannelServer.run: one handler call per datagram.
@@ -290,9 +310,12 @@ def memory_child(n_flows: int) -> Dict:
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     _check(exp, n_flows, n_flows)
-    # The aggregates live in a memory mapping, which tracemalloc does
-    # not see: add the part the flows use.
+    # The aggregates (and the C FlowIndex's table and key pointers) live
+    # in memory mappings, which tracemalloc does not see: add the part
+    # the flows use, and the index's mappings.
     mapped = len(exp.cache) * flowcache.SLOT_BYTES
+    if not isinstance(exp.cache.index, dict):
+        mapped += sys.getsizeof(exp.cache.index)
     exp.collectors.close()
     sink.close()
     return {"flows": n_flows, "tracemalloc": after - before + mapped,
@@ -375,6 +398,26 @@ def run(sizes: Sizes, progress=None) -> Dict:
     # here that is the sample pool, which the daemon never holds).
     daemon.tune_gc()
     try:
+        # The headline: the realistic mix, C path then pure Python.
+        say("parse+cache, realistic mix (%d flows, %d packets)"
+            % sizes.mixed)
+        mixed, stream = mixed_stream(*sizes.mixed)
+        res["mixed"] = dict(median_run(
+            lambda m=mixed, u=stream: throughput(m, u, sink, False), 3),
+            flows=len(mixed), stream_len=len(stream),
+            plain_ipv4=sum(s.frame[12:15] == b"\x08\x00\x45"
+                           for s in stream) / len(stream))
+        say("parse+cache, realistic mix, pure Python")
+        saved = fastpath.C
+        fastpath.C = None
+        try:
+            res["mixed_pure"] = dict(median_run(
+                lambda m=mixed, u=stream: throughput(m, u, sink, False),
+                1),
+                flows=len(mixed), stream_len=len(stream))
+        finally:
+            fastpath.C = saved
+        del mixed, stream
         for n in sizes.flows:
             samples = pool[:n]
             uni = uniform_stream(samples, max(sizes.picks, n))

@@ -8,8 +8,13 @@ One process, one thread, one ``ovs.poller`` loop in the OVS manner::
         channel.run()           # upcalls -> exporters' caches
         exporter.run(now)       # expire, export, refresh templates
         unixctl.run()           # ovs-appctl commands
+        metrics.run()           # --metrics: Prometheus scrapes
         ...wait() on each, a timer for the earliest exporter deadline
         poller.block()
+
+Each iteration's work (blocking excluded) is timed into a histogram
+(``metrics.LoopStats``), and so is the work between one channel read and
+the next (blocking excluded again): how long a queued datagram waits.
 
 Nothing polls on a fixed tick: the IDL's socket, the channel's socket,
 the unixctl socket, the signal pipe and the exporters' next deadlines
@@ -40,6 +45,12 @@ import ovs.vlog
 from ovs_ipfix_py import __version__, fastpath
 from ovs_ipfix_py.channel import ChannelServer
 from ovs_ipfix_py.config import ConfigReader
+from ovs_ipfix_py.metrics import (
+    LoopStats,
+    MetricsAddressError,
+    MetricsServer,
+    parse_address,
+)
 from ovs_ipfix_py.ratelimit import RateLimitedLog
 from ovs_ipfix_py.reconcile import Reconciler
 from ovs_ipfix_py.upcall import BridgeSample
@@ -75,6 +86,12 @@ class Daemon:
         self.exiting = False
         self.exit_reason = None
         self.unmatched_samples = 0
+        self.loop = LoopStats()
+        #: Seconds the loop spent blocked in poll since the last channel
+        #: read (the main loop adds them): not part of a read gap.
+        self.blocked = 0.0
+        self._read_end: Optional[float] = None
+        self.metrics: Optional[MetricsServer] = None
         self._signal_r = None
 
     # -- samples ----------------------------------------------------------
@@ -122,7 +139,12 @@ class Daemon:
         else:
             # Exporters that failed to build (EMFILE, say) are retried.
             self.reconciler.retry(self.clock())
+        t0 = time.perf_counter()
+        if self._read_end is not None:
+            self.loop.read_gap.observe(t0 - self._read_end - self.blocked)
         self.channel.run(self.clock)
+        self._read_end = time.perf_counter()
+        self.blocked = 0.0
         now = self.clock()
         for exp in list(self.reconciler.exporters.values()):
             exp.run(now)
@@ -172,6 +194,9 @@ class Daemon:
         out.append("ovsdb: %s" % ("connected" if self.config.connected
                                   else "not connected"))
         out.append("fast path: %s" % fastpath.name())
+        out.append(self.loop.format())
+        if self.metrics is not None:
+            out.append("metrics: %s" % self.metrics.url)
         return "\n".join(out) + "\n"
 
     def shutdown(self) -> None:
@@ -180,6 +205,8 @@ class Daemon:
         self.reconciler.close(now)
         self.channel.close()
         self.config.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     # -- signals ----------------------------------------------------------
 
@@ -239,6 +266,9 @@ def parse_args(argv=None):
     parser.add_argument("--channel", default=None,
                         help="upcall channel socket path (default: %s)"
                         % default_channel())
+    parser.add_argument("--metrics", metavar="[ADDR:]PORT", default=None,
+                        help="serve Prometheus metrics on http://ADDR:PORT/"
+                        "metrics (ADDR default 127.0.0.1; off by default)")
     parser.add_argument("--unixctl", default=None,
                         help="control socket path (default: $OVS_RUNDIR/"
                         "%s.PID.ctl)" % PROGRAM)
@@ -289,6 +319,12 @@ def main(argv=None) -> int:
         ovs.stream.Stream.ssl_set_private_key_file(args.private_key)
         ovs.stream.Stream.ssl_set_certificate_file(args.certificate)
         ovs.stream.Stream.ssl_set_ca_cert_file(args.ca_cert)
+    metrics_at = None
+    if args.metrics is not None:
+        try:
+            metrics_at = parse_address(args.metrics)
+        except MetricsAddressError as e:
+            ovs.util.ovs_fatal(0, "--metrics: %s" % e, vlog)
     ovs.daemon.daemonize_start()
 
     error, unixctl = ovs.unixctl.server.UnixctlServer.create(
@@ -300,6 +336,13 @@ def main(argv=None) -> int:
         d = Daemon(db, args.channel or default_channel())
     except OSError as e:
         ovs.util.ovs_fatal(e.errno or 0, "cannot start: %s" % e, vlog)
+    if metrics_at is not None:
+        try:
+            d.metrics = MetricsServer(d, *metrics_at)
+        except OSError as e:
+            ovs.util.ovs_fatal(e.errno or 0, "--metrics: cannot listen on "
+                               "%s port %d: %s" % (*metrics_at, e), vlog)
+        vlog.info("metrics on %s" % d.metrics.url)
     _register_commands(d)
     d.install_signal_handlers()
     ovs.daemon.daemonize_complete()
@@ -307,15 +350,25 @@ def main(argv=None) -> int:
               % (PROGRAM, __version__, db, args.channel or default_channel()))
     tune_gc()
 
+    loop = d.loop
+    clock = time.perf_counter
     while not d.exiting:
+        t0 = clock()
         d.run_once()
         unixctl.run()
+        if d.metrics is not None:
+            d.metrics.run()
+        loop.iteration.observe(clock() - t0)
         if d.exiting:
             break
         poller = ovs.poller.Poller()
         d.wait(poller)
         unixctl.wait(poller)
+        if d.metrics is not None:
+            d.metrics.wait(poller)
+        t0 = clock()
         poller.block()
+        d.blocked += clock() - t0
         d.drain_signal_pipe()
 
     vlog.info("exiting (%s): flushing every cache" % d.exit_reason)

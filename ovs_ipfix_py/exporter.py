@@ -58,13 +58,17 @@ class ExporterStats:
     ``pkts``: samples taken; ``ipv4_ok``/``ipv6_ok``/``ipv4_errs``/
     ``ipv6_errs``/``errs`` classify them as OVS does; ``tx_pkts``/
     ``tx_errs``: messages sent/failed, per collector.  Beyond OVS:
-    ``records`` exported, and the RFC 7011 section 4.3 not-sent totals.
+    ``records`` exported, the RFC 7011 section 4.3 not-sent totals, and
+    samples dropped before the cache: ``dropped_disabled`` (their
+    direction's enable-input/output-sampling is false),
+    ``dropped_bad_probability`` (a flow sample with probability 0).
     """
 
     __slots__ = ("flows", "current_flows", "pkts", "ipv4_ok", "ipv6_ok",
                  "tx_pkts", "errs", "ipv4_errs", "ipv6_errs", "tx_errs",
                  "records", "not_sent_flows", "not_sent_packets",
-                 "not_sent_octets", "dropped_samples")
+                 "not_sent_octets", "dropped_disabled",
+                 "dropped_bad_probability")
 
     def __init__(self):
         for name in self.__slots__:
@@ -183,13 +187,13 @@ class Exporter:
         o = self.options
         if output_port is None:
             if not o.enable_input_sampling:
-                self.stats.dropped_samples += 1
+                self.stats.dropped_disabled += 1
                 return
             direction = t.INGRESS
             output_port = 0
         else:
             if not o.enable_output_sampling:
-                self.stats.dropped_samples += 1
+                self.stats.dropped_disabled += 1
                 return
             direction = t.EGRESS
         if probability:
@@ -210,7 +214,7 @@ class Exporter:
         NX_ACTION_SAMPLE_*: 1 ingress, 2 egress, 0 by output port.
         """
         if probability <= 0:
-            self.stats.dropped_samples += 1
+            self.stats.dropped_bad_probability += 1
             log.warn("%s: flow sample with probability 0 dropped",
                      self.name)
             return
@@ -423,6 +427,10 @@ class Exporter:
             self._send_stats(now)
             self.next_stats = now + self.options.export.stats_interval
         self.stats.current_flows = len(self.cache)
+
+    def backlog(self) -> int:
+        """Flows that left the cache and are not sent yet."""
+        return len(self.cache.expired)
 
     def next_deadline(self) -> Optional[float]:
         """When ``run`` next has timed work (s, same clock as ``now``)."""

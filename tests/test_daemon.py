@@ -72,10 +72,11 @@ class ExporterProcess:
     then finds it through its pid file.
     """
 
-    def __init__(self, workdir, db, rundir_env=None):
+    def __init__(self, workdir, db, rundir_env=None, args=()):
         self.workdir = workdir
         self.db = db
         self.env = rundir_env
+        self.args = list(args)
         if rundir_env is None:
             self.channel = os.path.join(workdir, "ch.sock")
             self.ctl = os.path.join(workdir, "exp.ctl")
@@ -105,6 +106,7 @@ class ExporterProcess:
                      "--log-file=" + self.logfile]
         else:
             argv += ["--pidfile", "--log-file"]
+        argv += self.args
         argv.append("-vconsole:off")
         with open(self.stderr, "ab") as err:
             self.proc = subprocess.Popen(argv, cwd=self.workdir,
@@ -247,14 +249,15 @@ class Env:
         self.collectors.append(c)
         return c
 
-    def exporter(self, rundir_defaults=False):
+    def exporter(self, rundir_defaults=False, args=()):
         """A started ExporterProcess on this ovsdb-server; with
         ``rundir_defaults``, in the server's directory (its OVS_RUNDIR)
-        with default paths."""
+        with default paths; ``args``: more command-line arguments."""
         if rundir_defaults:
-            e = ExporterProcess(self.ovsdb.workdir, None, self.ovsdb.env)
+            e = ExporterProcess(self.ovsdb.workdir, None, self.ovsdb.env,
+                                args)
         else:
-            e = ExporterProcess(self.dir, self.ovsdb.remote)
+            e = ExporterProcess(self.dir, self.ovsdb.remote, args=args)
         self.exporters.append(e)
         return e.start()
 
@@ -336,6 +339,8 @@ class Show:
     or None) -> counters (flows, current_flows, pkts, ipv4_ok, ipv6_ok,
     tx_pkts, errs, ipv4_errs, ipv6_errs, tx_errs, cache); ``channel``:
     its counters, keys with underscores ("malformed_datagrams");
+    ``loop``: the loop line's figures (ms, counts), keys with
+    underscores ("max_read_gap"); ``metrics``: the metrics URL or None;
     ``order``: exporter keys as printed; ``text``: the output."""
 
     def __init__(self, text):
@@ -345,6 +350,8 @@ class Show:
         self.channel = {}
         self.ovsdb = None
         self.fast_path = None
+        self.loop = None
+        self.metrics = None
 
 
 def parse_show(text):
@@ -384,6 +391,14 @@ def parse_show(text):
             show.ovsdb = line[len("ovsdb: "):]
         elif line.startswith("fast path: "):
             show.fast_path = line[len("fast path: "):]
+        elif line.startswith("loop: "):
+            show.loop = {}
+            for part in line[len("loop: "):].split(", "):
+                name, _, value = part.partition("=")
+                show.loop[name.replace(" ", "_")] = float(
+                    value.removesuffix(" ms"))
+        elif line.startswith("metrics: "):
+            show.metrics = line[len("metrics: "):]
         elif line.startswith("no IPFIX exporter on bridge "):
             pass
         else:

@@ -81,7 +81,9 @@ class Daemon:
                  clock=time.time):
         self.clock = clock
         self.config = ConfigReader(db)
-        self.reconciler = Reconciler()
+        # Flushes and removed exporters are sent a slice at a time
+        # (Exporter.flush): the loop goes back to the channel between.
+        self.reconciler = Reconciler(sliced=True)
         self.channel = ChannelServer(channel_path, self.handle_upcalls)
         self.exiting = False
         self.exit_reason = None
@@ -148,6 +150,8 @@ class Daemon:
         now = self.clock()
         for exp in list(self.reconciler.exporters.values()):
             exp.run(now)
+        if self.reconciler.retiring:
+            self.reconciler.run_retiring(now)
 
     def wait(self, poller) -> None:
         self.config.wait(poller)
@@ -157,6 +161,8 @@ class Daemon:
         deadlines = [d for d in (e.next_deadline() for e in
                                  self.reconciler.exporters.values())
                      if d is not None]
+        if self.reconciler.retiring:
+            deadlines.append(float("-inf"))
         retry = self.reconciler.next_retry()
         if retry is not None:
             deadlines.append(retry)
@@ -173,7 +179,7 @@ class Daemon:
         n = 0
         for exp in self.reconciler.exporters.values():
             if bridge is None or exp.options.bridge == bridge:
-                n += exp.flush(now)
+                n += exp.flush(now, sliced=True)
         return n
 
     def show(self, bridge: Optional[str] = None) -> str:

@@ -40,6 +40,10 @@ END_OF_FLOW_DETECTED = 3
 FORCED_END = 4
 LACK_OF_RESOURCES = 5
 
+#: Flows one new flow may expire (due by active timeout) beyond the
+#: room it needs: a bound on the work one sample can cause.
+INSERT_EXPIRE_LIMIT = 1024
+
 U64_MAX = 0xFFFFFFFFFFFFFFFF
 U32_MAX = 0xFFFFFFFF
 #: Bytes of the arrays per slot: 2 doubles, 4 u64, 3 u32.
@@ -218,31 +222,57 @@ class FlowCache:
         small[m + 1] = ip_len
         small[m + 2] = tcp_flags
         if len(index) > self.max_flows:
-            self.expire(now)
+            # At most INSERT_EXPIRE_LIMIT flows (more only to make room):
+            # a burst of flows due by their active timeout leaves on the
+            # exporter's next run(), in slices, instead of holding up the
+            # sample that found it.
+            self.expire(now, max(INSERT_EXPIRE_LIMIT,
+                                 len(index) - self.max_flows))
 
-    def _remove_oldest(self, reason: int) -> None:
-        key = self.order.popleft()
-        slot = self.index.pop(key)
+    def _record(self, key, slot: int, reason: int) -> ExpiredFlow:
+        """The flow in ``slot`` as it leaves (the cache is unchanged)."""
         t = slot << 1
         c = slot << 2
         m = slot * 3
         times = self.times
         counters = self.counters
         small = self.small
-        self.expired.append(ExpiredFlow(
+        return ExpiredFlow(
             key, times[t], times[t + 1], counters[c], counters[c + 1],
             counters[c + 2], counters[c + 3], small[m], small[m + 1],
-            small[m + 2], reason))
+            small[m + 2], reason)
+
+    def _remove_oldest(self, reason: int) -> None:
+        key = self.order.popleft()
+        slot = self.index.pop(key)
+        self.expired.append(self._record(key, slot, reason))
         self._free.append(slot)
 
-    def expire(self, now: float) -> int:
-        """Expire what is due at ``now``; returns how many flows left."""
+    def records(self, keys, reason: int) -> List[ExpiredFlow]:
+        """The cached flows ``keys`` as they would leave with ``reason``,
+        in that order, without removing them: how the exporter sends a
+        cache it has detached (a flush) in slices.  (One C pass,
+        ``expired_flows``, when the extension is built.)"""
+        index = self.index
+        if fastpath.C is not None:
+            return fastpath.C.expired_flows(
+                ExpiredFlow, keys, list(map(index.__getitem__, keys)),
+                self.times, self.counters, self.small, reason)
+        record = self._record
+        return [record(key, index[key], reason) for key in keys]
+
+    def expire(self, now: float, limit: Optional[int] = None) -> int:
+        """Expire what is due at ``now``, oldest first, at most ``limit``
+        flows (None: all); returns how many flows left.  What is left
+        due stays due: ``next_deadline()`` is then not after ``now``."""
         n = 0
+        if limit is None:
+            limit = -1
         order = self.order
         timeout = self.active_timeout
         times = self.times
         index = self.index
-        while order:
+        while order and n != limit:
             # Same sum as next_deadline(): "now - timeout >= start" can
             # round the other way, leaving a flow unexpired at its own
             # deadline (and a poll loop spinning on it).

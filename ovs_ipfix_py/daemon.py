@@ -93,6 +93,7 @@ class Daemon:
         #: read (the main loop adds them): not part of a read gap.
         self.blocked = 0.0
         self._read_end: Optional[float] = None
+        self._read_end_cpu = 0.0
         self.metrics: Optional[MetricsServer] = None
         self._signal_r = None
 
@@ -142,10 +143,13 @@ class Daemon:
             # Exporters that failed to build (EMFILE, say) are retried.
             self.reconciler.retry(self.clock())
         t0 = time.perf_counter()
+        cpu0 = time.thread_time()
         if self._read_end is not None:
             self.loop.read_gap.observe(t0 - self._read_end - self.blocked)
+            self.loop.read_gap_cpu.observe(cpu0 - self._read_end_cpu)
         self.channel.run(self.clock)
         self._read_end = time.perf_counter()
+        self._read_end_cpu = time.thread_time()
         self.blocked = 0.0
         now = self.clock()
         for exp in list(self.reconciler.exporters.values()):

@@ -143,27 +143,21 @@ class _Expired:
 
 class _Flushed:
     """A cache detached by a flush: its flows leave as forced end, in
-    start order, a slice at a time (``FlowCache.records``); the cache
-    and its arrays go with the last slice."""
+    start order, a slice at a time (``FlowCache.take_oldest``), and its
+    memory with them (freeing a million flows at once takes longer than
+    a slice)."""
 
-    __slots__ = ("sink", "cache", "keys", "pos")
+    __slots__ = ("sink", "cache")
 
     def __init__(self, sink: _Sink, cache: flowcache.FlowCache):
         self.sink = sink
         self.cache = cache
-        self.keys = list(cache.index)     # start order
-        self.pos = 0
 
     def __len__(self) -> int:
-        return len(self.keys) - self.pos if self.keys is not None else 0
+        return len(self.cache)
 
     def take(self, n: int) -> list:
-        keys = self.keys[self.pos:self.pos + n]
-        self.pos += len(keys)
-        out = self.cache.records(keys, flowcache.FORCED_END)
-        if self.pos >= len(self.keys):
-            self.cache = self.keys = None
-        return out
+        return self.cache.take_oldest(n, flowcache.FORCED_END)
 
 
 class Exporter:

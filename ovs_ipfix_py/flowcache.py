@@ -248,18 +248,29 @@ class FlowCache:
         self.expired.append(self._record(key, slot, reason))
         self._free.append(slot)
 
-    def records(self, keys, reason: int) -> List[ExpiredFlow]:
-        """The cached flows ``keys`` as they would leave with ``reason``,
-        in that order, without removing them: how the exporter sends a
-        cache it has detached (a flush) in slices.  (One C pass,
-        ``expired_flows``, when the extension is built.)"""
+    def take_oldest(self, limit: int, reason: int) -> List[ExpiredFlow]:
+        """Remove up to ``limit`` flows, oldest first, with ``reason``,
+        and return them (``expired`` is not involved): how the exporter
+        sends a cache it has detached (a flush) a slice at a time; the
+        cache's memory goes with its flows, a slice at a time too.
+        (Records built in one C pass, ``expired_flows``, when the
+        extension is built.)"""
+        order = self.order
         index = self.index
+        popleft = order.popleft
+        keys = [popleft() for _ in range(min(limit, len(order)))]
+        slots = list(map(index.pop, keys))
+        self._free.extend(slots)
         if fastpath.C is not None:
-            return fastpath.C.expired_flows(
-                ExpiredFlow, keys, list(map(index.__getitem__, keys)),
-                self.times, self.counters, self.small, reason)
-        record = self._record
-        return [record(key, index[key], reason) for key in keys]
+            out = fastpath.C.expired_flows(
+                ExpiredFlow, keys, slots, self.times, self.counters,
+                self.small, reason)
+        else:
+            record = self._record
+            out = [record(k, s, reason) for k, s in zip(keys, slots)]
+        if not order:
+            self._reset_slots()
+        return out
 
     def expire(self, now: float, limit: Optional[int] = None) -> int:
         """Expire what is due at ``now``, oldest first, at most ``limit``

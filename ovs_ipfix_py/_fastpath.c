@@ -414,6 +414,7 @@ struct inserter {
     int loaded;
     PyObject *free;                 /* owned: cache._free (a list) */
     PyObject *order_append;         /* owned: cache.order.append */
+    PyObject *order_pop;            /* owned: cache.order.pop */
     Py_ssize_t next_slot, capacity, max_flows;
 };
 
@@ -422,6 +423,7 @@ inserter_clear(struct inserter *ins)
 {
     Py_CLEAR(ins->free);
     Py_CLEAR(ins->order_append);
+    Py_CLEAR(ins->order_pop);
     ins->loaded = 0;
 }
 
@@ -458,11 +460,12 @@ inserter_load(struct inserter *ins, PyObject *cache)
         return -1;
     }
     ins->order_append = PyObject_GetAttrString(order, "append");
+    ins->order_pop = PyObject_GetAttrString(order, "pop");
     Py_DECREF(order);
     ins->next_slot = attr_ssize(cache, "_next_slot");
     ins->capacity = attr_ssize(cache, "_capacity");
     ins->max_flows = attr_ssize(cache, "max_flows");
-    if (!ins->order_append || PyErr_Occurred()) {
+    if (!ins->order_append || !ins->order_pop || PyErr_Occurred()) {
         inserter_clear(ins);
         return -1;
     }
@@ -475,7 +478,31 @@ inserter_load(struct inserter *ins, PyObject *cache)
     return 0;
 }
 
-/* 1: inserted; 0: not the simple case (call _insert); -1: error. */
+/* Undo a half-done insert_new after an error (the exception is kept):
+ * the key leaves the order (appended last) and, with ``in_index``, the
+ * index.  A failing allocation half-way leaves the cache as it was. */
+static void
+insert_undo(struct inserter *ins, PyObject *index, PyObject *key,
+            int in_index)
+{
+    PyObject *type, *value, *tb, *r;
+
+    PyErr_Fetch(&type, &value, &tb);
+    if (in_index && PyDict_DelItem(index, key) < 0) {
+        PyErr_Clear();
+    }
+    r = PyObject_CallNoArgs(ins->order_pop);
+    if (!r) {
+        PyErr_Clear();
+    }
+    Py_XDECREF(r);
+    PyErr_Restore(type, value, tb);
+}
+
+/* 1: inserted; 0: not the simple case (call _insert); -1: error, the
+ * cache unchanged.  The steps that can fail come first (order, then
+ * index, then the slot's bookkeeping), each undone if a later one
+ * fails, as FlowCache._insert does. */
 static int
 insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
            const struct arrays *a, const struct taken *t, double now)
@@ -513,13 +540,21 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
         }
         return -1;
     }
+    r = PyObject_CallOneArg(ins->order_append, t->key);
+    if (!r) {
+        Py_DECREF(slot_o);
+        return -1;
+    }
+    Py_DECREF(r);
     if (PyDict_SetItem(index, t->key, slot_o) < 0) {
         Py_DECREF(slot_o);
+        insert_undo(ins, index, t->key, 0);
         return -1;
     }
     Py_DECREF(slot_o);
     if (from_free) {
         if (PyList_SetSlice(ins->free, nfree - 1, nfree, NULL) < 0) {
+            insert_undo(ins, index, t->key, 1);
             return -1;
         }
     } else {
@@ -529,15 +564,11 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
 
         Py_XDECREF(next);
         if (e < 0) {
+            insert_undo(ins, index, t->key, 1);
             return -1;
         }
         ins->next_slot = slot + 1;
     }
-    r = PyObject_CallOneArg(ins->order_append, t->key);
-    if (!r) {
-        return -1;
-    }
-    Py_DECREF(r);
     {
         double *times = (double *) a->views[TIMES].buf + slot * 2;
         uint64_t *c = (uint64_t *) a->views[COUNTERS].buf + slot * 4;
@@ -586,7 +617,7 @@ bridge_batch(PyObject *self, PyObject *args)
     struct batch_state st;
     struct arrays arr = {{NULL, NULL, NULL}, {{0}}, 0};
     struct taken g[GROUP];
-    struct inserter ins = {0, NULL, NULL, 0, 0, 0};
+    struct inserter ins = {0, NULL, NULL, NULL, 0, 0, 0};
     Py_ssize_t i, n, n_fast = 0, n_new = 0;
     int ng = 0, ok = 0;
 

@@ -154,7 +154,8 @@ class _Flushed:
         self.cache = cache
 
     def __len__(self) -> int:
-        return len(self.cache)
+        # (What take_oldest can take: the order, not the index.)
+        return len(self.cache.order)
 
     def take(self, n: int) -> list:
         return self.cache.take_oldest(n, flowcache.FORCED_END)

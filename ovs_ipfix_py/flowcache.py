@@ -193,16 +193,27 @@ class FlowCache:
         """A new flow (the arguments as add()); expires what no longer
         fits.  Item by item, no temporaries: a cache filling with new
         flows spends its time here."""
-        if self._free:
-            slot = self._free.pop()
+        free = self._free
+        if free:
+            slot = free[-1]
         else:
             slot = self._next_slot
             if slot == self._capacity:
                 self._grow(max(1024, self._capacity))
-            self._next_slot = slot + 1
+        # What can fail (a MemoryError) first, undone if the next step
+        # fails: the cache stays as it was (_fastpath.c does the same).
+        order = self.order
+        order.append(key)
         index = self.index
-        index[key] = slot
-        self.order.append(key)
+        try:
+            index[key] = slot
+        except BaseException:
+            order.pop()
+            raise
+        if free:
+            free.pop()
+        else:
+            self._next_slot = slot + 1
         times = self.times
         t = slot << 1
         times[t] = now

@@ -19,7 +19,9 @@
  *   not take (anything but plain IPv4 TCP/UDP/SCTP/ICMP, an unsampled
  *   direction, an object of an unexpected type) it stops and says
  *   where: the caller hands that sample to the general path and calls
- *   again, so samples are aggregated in order.
+ *   again, so samples are aggregated in order.  With the cache's
+ *   tcp_end_of_flow on, TCP samples carrying FIN or RST are not taken
+ *   either: marking a flow's end stays in flowcache.py alone.
  * - expired_flows(): FlowCache.flush's ExpiredFlow records.
  * - pack_records(): exporter.pack_records, data records of one template.
  */
@@ -32,11 +34,16 @@
 
 #define ETH_HEADER_LEN 14
 #define MIN_FRAME_LEN 42        /* Ethernet + IPv4 + 8 bytes of L4 */
-#define KEY_MAX 256
+/* Room for the longest key: 20 bytes of head, two interface parts of
+ * 4 + 4 + (1 + 64) + (1 + 128) bytes (OVS's name and description
+ * limits), IPv4 and L4 fields. */
+#define KEY_MAX 1024
 #define UINT32_MAX_ULL 0xFFFFFFFFULL
 /* BFD control and echo (RFC 5881, 5883): OVS never samples them. */
 #define BFD_PORT 3784
 #define BFD_ECHO_PORT 3785
+/* FIN | RST (flowcache.TCP_END_FLAGS). */
+#define TCP_END_FLAGS 0x05
 
 /* The fast path's per-protocol key pieces for one port pair, as
  * exporter.Exporter._fast_heads() builds them: (head, mid, end of the
@@ -225,6 +232,7 @@ struct batch_state {
     unsigned long long default_count;
     PyObject *last_p, *last_in, *last_out;
     PyObject *heads;                /* owned: dict or None */
+    int tcp_end;                    /* cache.tcp_end_of_flow */
     unsigned long long count;
     struct proto_head table[4];
 };
@@ -255,6 +263,11 @@ take_sample(struct batch_state *st, PyObject *s, struct taken *t)
     int ps;
 
     if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) < 6) {
+        return 0;
+    }
+    /* Tunnel metadata (upcall.BridgeSample.tunnel, item 6): the key
+     * may take a tunnel part, which Python builds. */
+    if (PyTuple_GET_SIZE(s) > 6 && PyTuple_GET_ITEM(s, 6) != Py_None) {
         return 0;
     }
     in_o = PyTuple_GET_ITEM(s, 1);
@@ -378,6 +391,10 @@ take_sample(struct batch_state *st, PyObject *s, struct taken *t)
     t->ip_len = frame_len - ETH_HEADER_LEN;
     t->tcp_flags = ph->is_tcp
                    ? (uint32_t) (f[46] & 0x0F) << 8 | f[47] : 0;
+    if (st->tcp_end && (t->tcp_flags & TCP_END_FLAGS)) {
+        Py_CLEAR(t->key);
+        return 0;           /* FlowCache.add_many marks its end */
+    }
     return 1;
 }
 
@@ -406,16 +423,20 @@ apply_update(const struct arrays *a, const struct taken *t, double now)
 
 /* A new flow, inserted here as flowcache.FlowCache._insert does when
  * nothing else has to happen: a free slot (the free list's last, else
- * the next unused one) within the arrays, and room under max_flows (no
- * expiry).  Anything else goes to _insert itself.  The cache's fields
- * are read on the first new flow of a call and again after each call
- * to _insert. */
+ * the next unused one) within the arrays, room under max_flows (no
+ * expiry), and with an idle timeout, a first idle deadline in the
+ * wheel's tail bucket (cache._idle_tail, number _idle_tail_b).
+ * Anything else goes to _insert itself.  The cache's fields are read
+ * on the first new flow of a call and again after each call to
+ * _insert. */
 struct inserter {
     int loaded;
     PyObject *free;                 /* owned: cache._free (a list) */
     PyObject *order_append;         /* owned: cache.order.append */
     PyObject *order_pop;            /* owned: cache.order.pop */
-    Py_ssize_t next_slot, capacity, max_flows;
+    PyObject *idle_tail;            /* owned: a list, or NULL */
+    Py_ssize_t next_slot, capacity, max_flows, idle_timeout;
+    double idle_step, idle_tail_b;
 };
 
 static void
@@ -424,6 +445,7 @@ inserter_clear(struct inserter *ins)
     Py_CLEAR(ins->free);
     Py_CLEAR(ins->order_append);
     Py_CLEAR(ins->order_pop);
+    Py_CLEAR(ins->idle_tail);
     ins->loaded = 0;
 }
 
@@ -465,9 +487,38 @@ inserter_load(struct inserter *ins, PyObject *cache)
     ins->next_slot = attr_ssize(cache, "_next_slot");
     ins->capacity = attr_ssize(cache, "_capacity");
     ins->max_flows = attr_ssize(cache, "max_flows");
+    ins->idle_timeout = attr_ssize(cache, "idle_timeout");
     if (!ins->order_append || !ins->order_pop || PyErr_Occurred()) {
         inserter_clear(ins);
         return -1;
+    }
+    if (ins->idle_timeout) {
+        PyObject *tail = PyObject_GetAttrString(cache, "_idle_tail");
+        PyObject *tail_b = tail ? PyObject_GetAttrString(cache,
+                                                         "_idle_tail_b")
+                                : NULL;
+        PyObject *step = tail_b ? PyObject_GetAttrString(cache, "idle_step")
+                                : NULL;
+
+        if (!step) {
+            Py_XDECREF(tail);
+            Py_XDECREF(tail_b);
+            inserter_clear(ins);
+            return -1;
+        }
+        ins->idle_step = PyFloat_AsDouble(step);
+        Py_DECREF(step);
+        if (PyList_Check(tail) && PyLong_Check(tail_b)) {
+            ins->idle_tail_b = PyLong_AsDouble(tail_b);
+            ins->idle_tail = tail;      /* the reference moves */
+        } else {
+            Py_DECREF(tail);            /* no tail: _insert makes one */
+        }
+        Py_DECREF(tail_b);
+        if (PyErr_Occurred()) {
+            inserter_clear(ins);
+            return -1;
+        }
     }
     if (!PyList_Check(ins->free)) {
         inserter_clear(ins);
@@ -479,17 +530,25 @@ inserter_load(struct inserter *ins, PyObject *cache)
 }
 
 /* Undo a half-done insert_new after an error (the exception is kept):
- * the key leaves the order (appended last) and, with ``in_index``, the
- * index.  A failing allocation half-way leaves the cache as it was. */
+ * the key leaves the order (appended last), with ``in_tail`` the idle
+ * wheel's tail bucket (appended last), with ``in_index`` the index.  A
+ * failing allocation half-way leaves the cache as it was. */
 static void
 insert_undo(struct inserter *ins, PyObject *index, PyObject *key,
-            int in_index)
+            int in_tail, int in_index)
 {
     PyObject *type, *value, *tb, *r;
 
     PyErr_Fetch(&type, &value, &tb);
     if (in_index && PyDict_DelItem(index, key) < 0) {
         PyErr_Clear();
+    }
+    if (in_tail) {
+        Py_ssize_t n = PyList_GET_SIZE(ins->idle_tail);
+
+        if (PyList_SetSlice(ins->idle_tail, n - 1, n, NULL) < 0) {
+            PyErr_Clear();
+        }
     }
     r = PyObject_CallNoArgs(ins->order_pop);
     if (!r) {
@@ -500,8 +559,8 @@ insert_undo(struct inserter *ins, PyObject *index, PyObject *key,
 }
 
 /* 1: inserted; 0: not the simple case (call _insert); -1: error, the
- * cache unchanged.  The steps that can fail come first (order, then
- * index, then the slot's bookkeeping), each undone if a later one
+ * cache unchanged.  The steps that can fail come first (order, idle
+ * tail, index, then the slot's bookkeeping), each undone if a later one
  * fails, as FlowCache._insert does. */
 static int
 insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
@@ -509,13 +568,19 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
 {
     Py_ssize_t nfree, slot;
     PyObject *slot_o, *r;
-    int from_free;
+    int from_free, in_tail;
 
     if (!ins->loaded && inserter_load(ins, cache) < 0) {
         return -1;
     }
     if (PyDict_GET_SIZE(index) + 1 > ins->max_flows) {
         return 0;                   /* _insert expires */
+    }
+    if (ins->idle_timeout
+        && (!ins->idle_tail
+            || ceil((now + (double) ins->idle_timeout) / ins->idle_step)
+               != ins->idle_tail_b)) {
+        return 0;                   /* _insert starts a bucket */
     }
     nfree = PyList_GET_SIZE(ins->free);
     from_free = nfree > 0;
@@ -546,15 +611,21 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
         return -1;
     }
     Py_DECREF(r);
+    in_tail = ins->idle_timeout != 0;
+    if (in_tail && PyList_Append(ins->idle_tail, t->key) < 0) {
+        Py_DECREF(slot_o);
+        insert_undo(ins, index, t->key, 0, 0);
+        return -1;
+    }
     if (PyDict_SetItem(index, t->key, slot_o) < 0) {
         Py_DECREF(slot_o);
-        insert_undo(ins, index, t->key, 0);
+        insert_undo(ins, index, t->key, in_tail, 0);
         return -1;
     }
     Py_DECREF(slot_o);
     if (from_free) {
         if (PyList_SetSlice(ins->free, nfree - 1, nfree, NULL) < 0) {
-            insert_undo(ins, index, t->key, 1);
+            insert_undo(ins, index, t->key, in_tail, 1);
             return -1;
         }
     } else {
@@ -564,7 +635,7 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
 
         Py_XDECREF(next);
         if (e < 0) {
-            insert_undo(ins, index, t->key, 1);
+            insert_undo(ins, index, t->key, in_tail, 1);
             return -1;
         }
         ins->next_slot = slot + 1;
@@ -600,7 +671,8 @@ PyDoc_STRVAR(bridge_batch_doc,
 "Aggregate samples[start:] (a list of upcall.BridgeSample) into cache\n"
 "(a flowcache.FlowCache) at now (s), as the pure-Python fast path of\n"
 "Exporter.sample_bridge_batch does, up to the first sample it does not\n"
-"take.  stop: that sample's index (len(samples) when all were taken);\n"
+"take (no plain IPv4, or tunnel metadata).  stop: that sample's index\n"
+"(len(samples) when all were taken);\n"
 "fast: samples aggregated; new: flows they started.  Each sample counts\n"
 "0xFFFFFFFF // its probability packets (default_count when 0).\n"
 "heads_for(input_port, output_port) gives the key pieces per IP\n"
@@ -617,7 +689,8 @@ bridge_batch(PyObject *self, PyObject *args)
     struct batch_state st;
     struct arrays arr = {{NULL, NULL, NULL}, {{0}}, 0};
     struct taken g[GROUP];
-    struct inserter ins = {0, NULL, NULL, NULL, 0, 0, 0};
+    struct inserter ins = {0, NULL, NULL, NULL, NULL, 0, 0, 0, 0, 0.0, 0.0};
+    PyObject *tcp_end = NULL;
     Py_ssize_t i, n, n_fast = 0, n_new = 0;
     int ng = 0, ok = 0;
 
@@ -644,6 +717,10 @@ bridge_batch(PyObject *self, PyObject *args)
     }
     if (!PyDict_Check(index)) {
         PyErr_SetString(PyExc_TypeError, "cache.index must be a dict");
+        goto out;
+    }
+    tcp_end = PyObject_GetAttrString(cache, "tcp_end_of_flow");
+    if (!tcp_end || (st.tcp_end = PyObject_IsTrue(tcp_end)) < 0) {
         goto out;
     }
     if (arrays_acquire(&arr, cache) < 0) {
@@ -756,6 +833,7 @@ out:
     arrays_release(&arr);
     inserter_clear(&ins);
     Py_XDECREF(st.heads);
+    Py_XDECREF(tcp_end);
     Py_XDECREF(insert);
     Py_XDECREF(index);
     Py_DECREF(seq);
@@ -989,44 +1067,21 @@ put_u64(unsigned char *p, uint64_t v)
     return p + 8;
 }
 
-static inline unsigned char *
-put_u32(unsigned char *p, uint32_t v)
-{
-    p[0] = (unsigned char) (v >> 24);
-    p[1] = (unsigned char) (v >> 16);
-    p[2] = (unsigned char) (v >> 8);
-    p[3] = (unsigned char) v;
-    return p + 4;
-}
-
-/* Python's int(round(x)) for a float: halves to even. */
-static double
-round_half_even(double x)
-{
-    double r = round(x);
-
-    if (fabs(x - r) == 0.5) {
-        r = 2.0 * round(x / 2.0);
-    }
-    return r;
-}
-
-/* *out = et_us - int(round(t * 1e6)), clamped to unsigned32 as
- * exporter._clamp32 does.  -1 (OverflowError) for a time no clock
+/* exporter.time_ms: a time in s as dateTimeMilliseconds, truncated,
+ * clamped to [0, 2^64-1].  -1 (OverflowError) for a time no clock
  * gives. */
 static int
-delta_us(long long et_us, double t, uint32_t *out)
+time_ms(double t, uint64_t *out)
 {
-    double r = round_half_even(t * 1e6);
-    long long v;
+    double ms;
 
-    if (!isfinite(r) || fabs(r) > 4e18) {
+    if (!isfinite(t)) {
         PyErr_SetString(PyExc_OverflowError, "flow time out of range");
         return -1;
     }
-    v = et_us - (long long) r;
-    *out = v < 0 ? 0 : v > (long long) UINT32_MAX ? UINT32_MAX
-                                                  : (uint32_t) v;
+    ms = t * 1000.0;
+    *out = ms <= 0.0 ? 0
+           : ms < 18446744073709551616.0 ? (uint64_t) ms : UINT64_MAX;
     return 0;
 }
 
@@ -1035,7 +1090,7 @@ enum { F_KEY, F_START, F_END, F_PACKETS, F_L2, F_OCTETS, F_SUMSQ,
        F_MIN, F_MAX, F_FLAGS, F_REASON, F_COUNT };
 
 PyDoc_STRVAR(pack_records_doc,
-"pack_records(flows, et_us, vobs, ip, tcp) -> (data, packets, octets)\n"
+"pack_records(flows, vobs, ip, tcp) -> (data, packets, octets)\n"
 "\n"
 "exporter.pack_records in C: the data records of expired flows of one\n"
 "template (flowcache.ExpiredFlow, keys of equal length), back to back,\n"
@@ -1047,13 +1102,12 @@ pack_records(PyObject *self, PyObject *args)
 {
     PyObject *flows, *seq, *vobs, *data = NULL, *packets = NULL;
     PyObject *octets = NULL, *result = NULL;
-    long long et_us;
     int ip, tcp;
     Py_ssize_t n, key_len = -1, rec_len, vobs_len;
     unsigned char *p;
 
     (void) self;
-    if (!PyArg_ParseTuple(args, "OLO!pp:pack_records", &flows, &et_us,
+    if (!PyArg_ParseTuple(args, "OO!pp:pack_records", &flows,
                           &PyBytes_Type, &vobs, &ip, &tcp)) {
         return NULL;
     }
@@ -1082,7 +1136,7 @@ pack_records(PyObject *self, PyObject *args)
             goto out;
         }
     }
-    rec_len = (key_len < 0 ? 6 : key_len) - 6 + vobs_len + 25
+    rec_len = (key_len < 0 ? 6 : key_len) - 6 + vobs_len + 33
               + (ip ? 32 : 0) + (ip && tcp ? 2 : 0);
     data = PyBytes_FromStringAndSize(NULL, n * rec_len);
     packets = PyList_New(n);
@@ -1095,7 +1149,7 @@ pack_records(PyObject *self, PyObject *args)
         PyObject *f = PySequence_Fast_GET_ITEM(seq, i);
         PyObject *o;
         double start, end;
-        uint32_t sd, ed;
+        uint64_t sd, ed;
         unsigned long long v[F_COUNT];
 
         start = PyFloat_AsDouble(PyTuple_GET_ITEM(f, F_START));
@@ -1103,8 +1157,8 @@ pack_records(PyObject *self, PyObject *args)
         for (int j = F_PACKETS; j < F_COUNT; j++) {
             v[j] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(f, j));
         }
-        if (PyErr_Occurred() || delta_us(et_us, start, &sd) < 0
-            || delta_us(et_us, end, &ed) < 0) {
+        if (PyErr_Occurred() || time_ms(start, &sd) < 0
+            || time_ms(end, &ed) < 0) {
             goto out;
         }
         memcpy(p, PyBytes_AS_STRING(PyTuple_GET_ITEM(f, F_KEY)) + 6,
@@ -1112,10 +1166,10 @@ pack_records(PyObject *self, PyObject *args)
         p += key_len - 6;
         memcpy(p, PyBytes_AS_STRING(vobs), vobs_len);
         p += vobs_len;
-        /* flowStart/EndDeltaMicroseconds, packetDeltaCount,
+        /* flowStart/EndMilliseconds, packetDeltaCount,
          * layer2OctetDeltaCount, flowEndReason (exporter._AGG_LAYOUT) */
-        p = put_u32(p, sd);
-        p = put_u32(p, ed);
+        p = put_u64(p, sd);
+        p = put_u64(p, ed);
         p = put_u64(p, v[F_PACKETS]);
         p = put_u64(p, v[F_L2]);
         *p++ = (unsigned char) v[F_REASON];

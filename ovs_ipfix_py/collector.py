@@ -1,54 +1,54 @@
-"""Export targets and their sockets.
+"""Export targets: their syntax, and the set of one exporter's transports.
 
-Targets are written as OVS writes them in ``IPFIX.targets``:
+Targets are written in ``IPFIX.targets`` as OVS writes them --
 ``IP:PORT``, ``[IPv6]:PORT``, ``host:PORT``, or an address or host with
-no port (default 4739, the IPFIX port of RFC 7011 section 10.3.4).  Each
-target gets one connected UDP socket.  A target that does not parse or
-resolve is logged and skipped; the others work.  A send that fails
-(ECONNREFUSED after an ICMP port unreachable, ENOBUFS, EAGAIN) is counted
-as a transmit error and never stops the other collectors.
+no port (default 4739, the IPFIX port of RFC 7011 section 10.3.4): UDP
+-- or with a transport in front: ``udp:IP:PORT``, ``tcp:IP:PORT``,
+``tls:IP:PORT`` (the same address forms, port optional, default 4739
+for all three), and ``file:/absolute/path`` (an RFC 5655 file).  Each
+target gets one transport (``ovs_ipfix_py.transport``): the exporter
+hands every message to the :class:`CollectorSet` and does not know
+which transports it feeds.  A target that does not parse or resolve is
+logged and skipped; the others work.  A send that fails is counted as
+a transmit error and never stops the other collectors.
 """
 
 from __future__ import annotations
 
-import errno
 import re
-import socket
 from types import SimpleNamespace
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import netaddr
 import tenacity
 
 from ovs_ipfix_py.options import DEFAULT_COLLECTOR_PORT
 from ovs_ipfix_py.ratelimit import RateLimitedLog
+from ovs_ipfix_py.transport import (
+    LostCallback,
+    Target,
+    TargetError,
+    TransientTargetError,
+    Transport,
+)
+from ovs_ipfix_py.transport.file import FileTransport
+from ovs_ipfix_py.transport.stream import DEFAULT_BUFFER_SIZE
+from ovs_ipfix_py.transport.tcp import TcpTransport
+from ovs_ipfix_py.transport.tls import TlsTransport
+from ovs_ipfix_py.transport.udp import UdpTransport
 
 log = RateLimitedLog("collector")
 
+__all__ = ["MAX_UDP_PAYLOAD", "TargetError", "TransientTargetError",
+           "Target", "split_target", "parse_target", "make_transport",
+           "Collector", "CollectorSet", "DEFAULT_BUFFER_SIZE"]
 
 #: The largest UDP payload over IPv4 (65535 - 20 - 8): no IPFIX message
 #: may be larger, whatever max-message-size says.
 MAX_UDP_PAYLOAD = 65507
 
-
-class TargetError(ValueError):
-    """A target that does not parse or resolve.
-
-    ``transient``: worth trying again later (name resolution, socket
-    set-up); a target that does not parse never is.
-    """
-
-    transient = False
-
-
-class TransientTargetError(TargetError):
-    transient = True
-
-
-class Target(NamedTuple):
-    spec: str
-    host: str
-    port: int
+#: Transports written in front of a target ("tcp:10.0.0.1:4739").
+SCHEMES = ("udp", "tcp", "tls", "file")
 
 
 # A DNS host name (RFC 1123 section 2.1): dot-separated labels of letters,
@@ -116,88 +116,74 @@ def split_target(target: str) -> Tuple[str, int]:
 
 
 def parse_target(spec: str) -> Target:
-    """``split_target`` as a Target; TargetError names the target."""
+    """A target of any form (module docstring) as a Target; TargetError
+    names the target and says what is wrong.  Nothing is resolved.
+
+    "tcp:4739" stays what it always was, the host "tcp" at UDP port
+    4739 (a port alone names no host); "tcp:HOST" is a TCP target.
+    """
+    text = spec.strip()
+    scheme, sep, rest = text.partition(":")
     try:
-        host, port = split_target(spec)
+        if sep and scheme in SCHEMES and rest and not rest.isdigit():
+            if scheme == "file":
+                if not rest.startswith("/"):
+                    raise TargetError("file: needs an absolute path")
+                if "\0" in rest:
+                    raise TargetError("the path has a NUL byte")
+                return Target(spec, "", 0, "file", rest)
+            host, port = split_target(rest)
+            return Target(spec, host, port, scheme)
+        host, port = split_target(text)
     except TargetError as e:
         raise TargetError("target %r: %s" % (spec, e)) from None
-    return Target(spec, host, port)
+    return Target(spec, host, port, "udp")
 
 
-class Collector:
-    """One connected UDP socket to one target.
+def make_transport(target: Target, buffer_size: int = DEFAULT_BUFFER_SIZE,
+                   on_lost: Optional[LostCallback] = None) -> Transport:
+    """The transport for a parsed target (TargetError: it cannot be
+    set up; transient ones are worth retrying)."""
+    if target.transport == "udp":
+        return UdpTransport(target)
+    cls = {"tcp": TcpTransport, "tls": TlsTransport,
+           "file": FileTransport}[target.transport]
+    return cls(target, buffer_size, on_lost)
 
-    Raises TargetError when the target does not parse or resolve.
-    ``tx_packets`` / ``tx_errors`` count messages sent and failed.
-    """
+
+class Collector(UdpTransport):
+    """One connected UDP socket to the target ``spec`` (what every
+    target was before other transports came)."""
 
     def __init__(self, spec: str):
-        self.target = parse_target(spec)
-        try:
-            infos = socket.getaddrinfo(self.target.host, self.target.port,
-                                       type=socket.SOCK_DGRAM)
-        except (socket.gaierror, UnicodeError) as e:
-            raise TransientTargetError("target %r does not resolve: %s"
-                                       % (spec, e)) from None
-        if not infos:
-            raise TransientTargetError("target %r does not resolve" % spec)
-        family, _, proto, _, address = infos[0]
-        self.address = address
-        try:
-            self.sock = socket.socket(family, socket.SOCK_DGRAM, proto)
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
-                           errno.ENOMEM):
-                raise   # a shortage: the reconciler retries the exporter
-            # E.g. no IPv6 on this host: only this target is affected.
-            raise TransientTargetError("target %r: cannot open a socket: %s"
-                                       % (spec, e)) from None
-        self.sock.setblocking(False)
-        try:
-            self.sock.connect(address)
-        except OSError as e:
-            self.sock.close()
-            raise TransientTargetError("target %r: cannot connect: %s"
-                                       % (spec, e)) from None
-        self.tx_packets = 0
-        self.tx_errors = 0
-
-    @property
-    def spec(self) -> str:
-        return self.target.spec
-
-    def send(self, data: bytes) -> bool:
-        """Send one message; False (counted, logged) when it failed."""
-        try:
-            self.sock.send(data)
-        except OSError as e:
-            self.tx_errors += 1
-            log.warn("send to %s failed: %s", self.spec,
-                     errno.errorcode.get(e.errno, e))
-            return False
-        self.tx_packets += 1
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
+        super().__init__(parse_target(spec))
 
 
 class CollectorSet:
-    """The collectors of one exporter; bad targets logged and skipped.
+    """The transports of one exporter; bad targets logged and skipped.
 
     A target that failed for a transient reason (it did not resolve, its
     socket could not be opened) is tried again by ``retry(now)``, backing
     off exponentially from 1 s to 60 s (tenacity's wait_exponential), so
     a collector whose name resolves later is picked up without a
     configuration change.  ``next_retry()`` gives the time (s) of the
-    next attempt for a poll loop's timer.
+    next attempt, or of the next reconnection of a stream, for a poll
+    loop's timer; ``run(now)`` and ``wait(poller)`` drive the streams.
+
+    ``buffer_size`` (bytes): each stream's buffer while its peer is away;
+    ``on_lost(msg)``: called for a message a stream accepted and lost
+    later (the exporter counts its records as not sent).
     """
 
     BACKOFF = tenacity.wait_exponential(multiplier=1, min=1, max=60)
 
-    def __init__(self, targets: Tuple[str, ...], now: float = 0.0):
+    def __init__(self, targets: Tuple[str, ...], now: float = 0.0,
+                 buffer_size: int = DEFAULT_BUFFER_SIZE,
+                 on_lost: Optional[LostCallback] = None):
         self.targets = tuple(targets)
-        self.collectors: List[Collector] = []
+        self.buffer_size = buffer_size
+        self.on_lost = on_lost
+        self.collectors: List[Transport] = []
         self.bad_targets: List[Tuple[str, str]] = []
         self._pending: Dict[str, List] = {}   # spec -> [attempts, when]
         for spec in self.targets:
@@ -205,7 +191,8 @@ class CollectorSet:
 
     def _open(self, spec: str, now: float) -> bool:
         try:
-            collector = Collector(spec)
+            collector = make_transport(parse_target(spec), self.buffer_size,
+                                       self.on_lost)
         except TargetError as e:
             self.bad_targets = [b for b in self.bad_targets if b[0] != spec]
             self.bad_targets.append((spec, str(e)))
@@ -220,6 +207,7 @@ class CollectorSet:
         self._pending.pop(spec, None)
         self.bad_targets = [b for b in self.bad_targets if b[0] != spec]
         self.collectors.append(collector)
+        collector.run(now)
         return True
 
     def retry(self, now: float) -> bool:
@@ -232,15 +220,38 @@ class CollectorSet:
                 added = True
         return added
 
+    def run(self, now: float) -> None:
+        """Let every transport progress (connect, write, notice EOF)."""
+        for c in self.collectors:
+            c.run(now)
+
+    def wait(self, poller) -> None:
+        for c in self.collectors:
+            c.wait(poller)
+
     def next_retry(self) -> Optional[float]:
-        """When ``retry`` next has work (s), or None."""
-        return min((w for _, w in self._pending.values()), default=None)
+        """When ``retry`` or a stream's reconnection next has work (s),
+        or None."""
+        times = [w for _, w in self._pending.values()]
+        times.extend(d for d in (c.next_deadline() for c in self.collectors)
+                     if d is not None)
+        return min(times, default=None)
+
+    def set_buffer_size(self, size: int) -> None:
+        self.buffer_size = size
+        for c in self.collectors:
+            c.set_buffer_size(size)
+
+    def reopen(self) -> None:
+        """Files start anew (log rotation); sockets are left alone."""
+        for c in self.collectors:
+            c.reopen()
 
     def __len__(self) -> int:
         return len(self.collectors)
 
     def send(self, data: bytes) -> Tuple[int, int]:
-        """Send to every collector: returns (sent, failed) counts."""
+        """Send to every collector: returns (sent or queued, failed)."""
         ok = err = 0
         for c in self.collectors:
             if c.send(data):
@@ -254,8 +265,12 @@ class CollectorSet:
             c.close()
         self.collectors = []
 
-    def find(self, spec: str) -> Optional[Collector]:
+    def find(self, spec: str) -> Optional[Transport]:
         for c in self.collectors:
             if c.spec == spec:
                 return c
         return None
+
+    def describe(self) -> List[str]:
+        """One line of counters per transport, for ipfix/show."""
+        return [c.describe() for c in self.collectors]

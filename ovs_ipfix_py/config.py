@@ -7,7 +7,13 @@ that configure IPFIX and turns them into the immutable values of
 - ``Bridge.ipfix`` -> one ``BridgeExporterOptions`` per bridge whose IPFIX
   row has at least one target (bridge sampling);
 - ``Flow_Sample_Collector_Set`` rows with an ``ipfix`` reference whose row
-  has targets -> one ``FlowExporterOptions`` per (bridge, id).
+  has targets -> one ``FlowExporterOptions`` per (bridge, id);
+- ``Bridge.ports`` -> ``Port.interfaces`` -> ``Interface`` rows (name,
+  ofport, ifindex, type, status) -> ``ports()``: per bridge, the
+  ``interfaces.Interface`` of each OpenFlow port number, which the
+  exporters put in their records (interface elements, tunnel ports).
+  Ports are no options: a port that comes, goes or is renumbered changes
+  ``ports()``, not ``desired()``, so nothing is flushed.
 
 The schema is not shipped with the PyPI ``ovs`` package, so it is fetched
 from the server (``get_schema``, RFC 7047 section 4.1.2) over its own
@@ -53,12 +59,17 @@ import ovs.db.idl
 import ovs.json
 import ovs.jsonrpc
 
-from ovs_ipfix_py.collector import split_target as parse_target
+from ovs_ipfix_py.collector import parse_target as check_target
+from ovs_ipfix_py.collector import split_target as parse_target  # noqa: F401
+from ovs_ipfix_py.interfaces import Interface, Ports
 from ovs_ipfix_py.options import (
+    DEFAULT_COLLECTOR_BUFFER_SIZE,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_SAMPLING,
     DEFAULT_STATS_INTERVAL,
     DEFAULT_TEMPLATE_INTERVAL,
+    MAX_COLLECTOR_BUFFER_SIZE,
+    MAX_IDLE_TIMEOUT,
     MIN_MAX_MESSAGE_SIZE,
     UINT32_MAX,
     BridgeExporterOptions,
@@ -101,9 +112,29 @@ _REQUIRED_COLUMNS = {
 }
 _OPTIONAL_COLUMNS = {
     "Flow_Sample_Collector_Set": ["local_group_id"],
+    # Port identity (interfaces.Interface): read where the schema has it.
+    "Bridge": ["ports"],
+    "Port": ["name", "interfaces"],
+    "Interface": ["name", "ofport", "ifindex", "type", "status"],
 }
 
+_TABLES = tuple(_REQUIRED_COLUMNS) + tuple(
+    t for t in _OPTIONAL_COLUMNS if t not in _REQUIRED_COLUMNS)
+
 ExporterOptions = Union[BridgeExporterOptions, FlowExporterOptions]
+
+def _first_u32(value) -> int:
+    """An optional integer column's value in 0..2^32-1, else 0."""
+    return value[0] if value and 0 <= value[0] <= UINT32_MAX else 0
+
+
+def _u32_text(text: Optional[str]) -> int:
+    """A status value such as if_type ("6"), as OVS's smap_get_ullong
+    reads it: 0 when absent or not a number."""
+    if text and text.strip().isdigit():
+        return int(text) & UINT32_MAX
+    return 0
+
 
 def _split_remotes(remote: str) -> List[str]:
     """"unix:a,tcp:b:1" -> ["unix:a", "tcp:b:1"], as ovs.db.idl does."""
@@ -124,7 +155,7 @@ def _fingerprint(schema_json) -> Tuple:
     return (str(schema_json.get("version", "")),
             str(schema_json.get("cksum", "")),
             tuple(sorted((name, tuple(sorted(tables[name]["columns"])))
-                         for name in _REQUIRED_COLUMNS if name in tables)))
+                         for name in _TABLES if name in tables)))
 
 
 class _Idl(ovs.db.idl.Idl):
@@ -181,6 +212,10 @@ class ConfigReader:
         self._fingerprint: Tuple = ()
         self._ipfix_columns: frozenset = frozenset()
         self._fscs_columns: frozenset = frozenset()
+        #: Registered columns per table (what the schema had of ours).
+        self._registered: Dict[str, frozenset] = {}
+        self._ports: Dict[str, Ports] = {}
+        self._ports_seen: Tuple = (None, -1)
 
         # The get_schema session: open while a fetch is wanted.
         self._session: Optional[ovs.jsonrpc.Session] = None
@@ -246,6 +281,24 @@ class ConfigReader:
             self._seen_idl, self._seen_seqno = idl, idl.change_seqno
             self._desired = self._read(idl)
         return dict(self._desired)
+
+    def ports(self) -> Dict[str, Ports]:
+        """{bridge name: {OpenFlow port number: interfaces.Interface}}.
+
+        Interfaces without an ofport (vswitchd has not numbered them, or
+        failed to open them: ofport -1) are left out: samples cannot name
+        them.  Read again only when the replica moved; before the first
+        sync (or with a schema lacking Port/Interface) {} or the last
+        result.
+        """
+        idl = self._idl
+        if idl is None or not idl.has_ever_connected():
+            return self._ports
+        seen = (idl, idl.change_seqno)
+        if seen != self._ports_seen:
+            self._ports_seen = seen
+            self._ports = self._read_ports(idl)
+        return self._ports
 
     @property
     def connected(self) -> bool:
@@ -352,19 +405,23 @@ class ConfigReader:
         """An IDL for the tables and columns we read."""
         tables = schema_json["tables"]
         helper = ovs.db.idl.SchemaHelper(schema_json=schema_json)
-        for table, columns in _REQUIRED_COLUMNS.items():
+        registered = {}
+        for table in _TABLES:
             present = tables.get(table, {}).get("columns", {})
+            columns = _REQUIRED_COLUMNS.get(table, [])
             missing = [c for c in columns if c not in present]
             if missing:
                 raise ValueError(f"table {table} lacks column(s) "
                                  f"{', '.join(missing)}")
+            optional = [c for c in _OPTIONAL_COLUMNS.get(table, [])
+                        if c in present]
             if table == "IPFIX":
                 # All of it: new columns are read as they appear.
                 helper.register_table(table)
-            else:
-                helper.register_columns(table, columns + [
-                    c for c in _OPTIONAL_COLUMNS.get(table, [])
-                    if c in present])
+            elif columns or optional:
+                helper.register_columns(table, columns + optional)
+            registered[table] = frozenset(columns + optional)
+        self._registered = registered
         return _Idl(self.remote, helper, probe_interval=self.probe_interval)
 
     # -------------------------------------------------- rows -> values --
@@ -413,25 +470,56 @@ class ConfigReader:
         self._report(reading)
         return out
 
+    def _read_ports(self, idl) -> Dict[str, Ports]:
+        reg = self._registered
+        if ("ports" not in reg.get("Bridge", ())
+                or "interfaces" not in reg.get("Port", ())
+                or "ofport" not in reg.get("Interface", ())):
+            return {}
+        cols = reg["Interface"]
+        out: Dict[str, Ports] = {}
+        for br in idl.tables["Bridge"].rows.values():
+            ports: Ports = {}
+            for port in br.ports:
+                for iface in port.interfaces:
+                    if not iface.ofport or not 0 < iface.ofport[0] \
+                            <= UINT32_MAX:
+                        continue
+                    status = iface.status if "status" in cols else {}
+                    ports[iface.ofport[0]] = Interface(
+                        ofport=iface.ofport[0],
+                        name=iface.name if "name" in cols else "",
+                        ifindex=_first_u32(iface.ifindex)
+                        if "ifindex" in cols else 0,
+                        if_type=_u32_text(status.get("if_type")),
+                        description=status.get("if_descr", ""),
+                        type=iface.type if "type" in cols else "")
+            out[br.name] = ports
+        return out
+
     def _export_options(self, row, where: str,
                         reading: _Reading) -> ExportOptions:
         targets = tuple(sorted(row.targets))
         for target in targets:
             try:
-                parse_target(target)
+                check_target(target)
             except ValueError as e:
                 reading.warn(
                     f"target {where} {target!r}",
-                    f"{where}: IPFIX target {target!r} is not IP:PORT, "
-                    f"[IPv6]:PORT, HOST:PORT or a bare address/host ({e}); "
-                    "the collector layer will skip it")
+                    f"{where}: IPFIX target {target!r} is not [udp:|tcp:|"
+                    f"tls:]IP:PORT, [IPv6]:PORT, HOST:PORT, a bare "
+                    f"address/host or file:/PATH ({e}); the collector "
+                    "layer will skip it")
         return ExportOptions(
             targets=targets,
             cache=CacheOptions(
                 active_timeout=self._int(row, "cache_active_timeout",
                                          where, reading),
                 max_flows=self._int(row, "cache_max_flows", where,
-                                    reading)),
+                                    reading),
+                idle_timeout=self._idle_timeout(row, where, reading),
+                tcp_end_of_flow=self._bool(row, "tcp-end-of-flow", False,
+                                           where, reading)),
             template_interval=self._int(row, "template_interval", where,
                                         reading),
             stats_interval=self._int(row, "stats_interval", where,
@@ -439,7 +527,8 @@ class ConfigReader:
             max_message_size=self._max_message_size(row, where, reading),
             enable_tunnel_sampling=self._bool(
                 row, "enable-tunnel-sampling", True, where, reading),
-            virtual_obs_id=self._virtual_obs_id(row, where, reading))
+            virtual_obs_id=self._virtual_obs_id(row, where, reading),
+            collector_buffer_size=self._buffer_size(row, where, reading))
 
     def _int(self, row, column: str, where: str, reading: _Reading) -> int:
         lo, hi, default = IPFIX_INT_COLUMNS[column]
@@ -471,24 +560,56 @@ class ConfigReader:
         return default
 
     @staticmethod
-    def _max_message_size(row, where: str, reading: _Reading) -> int:
-        value = row.other_config.get("max-message-size")
+    def _uint_option(row, key: str, unit: str, default: int, lo: int,
+                     hi: int, clamp: bool, where: str,
+                     reading: _Reading, zero: str = "") -> int:
+        """other_config:``key``, a whole number of ``unit`` in lo..hi.
+
+        Absent: ``default``.  Not a whole number: ``default``, logged.
+        Out of range: the nearest bound when ``clamp``, else ``default``,
+        logged.  Each problem is logged once per row and key; ``zero``
+        names what 0 means, for the log ("off").
+        """
+        def says(n: int) -> str:
+            return f"{n} ({zero})" if zero and n == 0 else str(n)
+
+        value = row.other_config.get(key)
         if value is None:
-            return DEFAULT_MAX_MESSAGE_SIZE
-        key = f"{where} max-message-size"
+            return default
         text = value.strip()
         if not (text.isascii() and text.isdigit()):
-            reading.warn(key, f"{where}: IPFIX other_config:max-message-size"
-                         f"={value!r} is not a number of bytes, using "
-                         f"{DEFAULT_MAX_MESSAGE_SIZE}")
-            return DEFAULT_MAX_MESSAGE_SIZE
-        size = int(text)
-        clamped = min(max(size, MIN_MAX_MESSAGE_SIZE), MAX_MAX_MESSAGE_SIZE)
-        if clamped != size:
-            reading.warn(key, f"{where}: IPFIX other_config:max-message-size"
-                         f"={size} is out of range {MIN_MAX_MESSAGE_SIZE}.."
-                         f"{MAX_MAX_MESSAGE_SIZE}, using {clamped}")
-        return clamped
+            reading.warn(f"{where} {key}",
+                         f"{where}: IPFIX other_config:{key}={value!r} is "
+                         f"not a number of {unit}, using {says(default)}")
+            return default
+        number = int(text)
+        if lo <= number <= hi:
+            return number
+        use = min(max(number, lo), hi) if clamp else default
+        reading.warn(f"{where} {key}",
+                     f"{where}: IPFIX other_config:{key}={number} is out "
+                     f"of range {lo}..{hi}, using {says(use)}")
+        return use
+
+    def _max_message_size(self, row, where: str, reading: _Reading) -> int:
+        """other_config:max-message-size, bytes, clamped to 512..65535."""
+        return self._uint_option(
+            row, "max-message-size", "bytes", DEFAULT_MAX_MESSAGE_SIZE,
+            MIN_MAX_MESSAGE_SIZE, MAX_MAX_MESSAGE_SIZE, True, where, reading)
+
+    def _buffer_size(self, row, where: str, reading: _Reading) -> int:
+        """other_config:collector-buffer-size, bytes (0 to 1 GiB)."""
+        return self._uint_option(
+            row, "collector-buffer-size", "bytes",
+            DEFAULT_COLLECTOR_BUFFER_SIZE, 0, MAX_COLLECTOR_BUFFER_SIZE,
+            True, where, reading)
+
+    def _idle_timeout(self, row, where: str, reading: _Reading) -> int:
+        """other_config:cache-idle-timeout (s): 0 (off) when absent or
+        bad (not a whole number, negative, over MAX_IDLE_TIMEOUT)."""
+        return self._uint_option(
+            row, "cache-idle-timeout", "seconds", 0, 0, MAX_IDLE_TIMEOUT,
+            False, where, reading, zero="off")
 
     @staticmethod
     def _virtual_obs_id(row, where: str,

@@ -18,8 +18,11 @@ the next (blocking excluded again): how long a queued datagram waits.
 
 Nothing polls on a fixed tick: the IDL's socket, the channel's socket,
 the unixctl socket, the signal pipe and the exporters' next deadlines
-wake the loop.  SIGTERM, SIGINT and ``ovs-appctl exit`` flush every
-cache as forced end before exiting.
+wake the loop, and so do the exporters' transports (a TCP collector
+connecting or going away, a queue to write).  SIGTERM, SIGINT and
+``ovs-appctl exit`` flush every cache as forced end before exiting;
+SIGHUP and ``ovs-appctl ipfix/reopen`` start new IPFIX files (file:
+targets, after logrotate renamed them).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from ovs_ipfix_py.metrics import (
 )
 from ovs_ipfix_py.ratelimit import RateLimitedLog
 from ovs_ipfix_py.reconcile import Reconciler
+from ovs_ipfix_py.transport import tls
 from ovs_ipfix_py.upcall import BridgeSample
 
 PROGRAM = "ovs-ipfix-exporter"
@@ -96,6 +100,7 @@ class Daemon:
         self._read_end_cpu = 0.0
         self.metrics: Optional[MetricsServer] = None
         self._signal_r = None
+        self.reopen_requested = False
 
     # -- samples ----------------------------------------------------------
 
@@ -123,7 +128,7 @@ class Daemon:
                 continue
             exp.sample_flow(u.frame, u.orig_len, u.input_port,
                             u.output_port, u.probability, u.obs_domain_id,
-                            u.obs_point_id, u.direction, now)
+                            u.obs_point_id, u.direction, now, u.tunnel)
         for bridge, batch in bridge_batches.items():
             exp = exporters.get(("bridge", bridge))
             if exp is None:
@@ -139,9 +144,10 @@ class Daemon:
         self.config.run()
         if self.config.changed():
             self.reconciler.apply(self.config.desired(), self.clock())
-        else:
+            self.set_ports()
+        elif self.reconciler.retry(self.clock()):
             # Exporters that failed to build (EMFILE, say) are retried.
-            self.reconciler.retry(self.clock())
+            self.set_ports()
         t0 = time.perf_counter()
         cpu0 = time.thread_time()
         if self._read_end is not None:
@@ -151,17 +157,31 @@ class Daemon:
         self._read_end = time.perf_counter()
         self._read_end_cpu = time.thread_time()
         self.blocked = 0.0
+        if self.reopen_requested:
+            self.reopen_requested = False
+            self.reopen()
         now = self.clock()
         for exp in list(self.reconciler.exporters.values()):
             exp.run(now)
         if self.reconciler.retiring:
             self.reconciler.run_retiring(now)
 
+    def set_ports(self) -> None:
+        """Every exporter gets its bridge's ports as OVSDB has them: ports
+        (Interface rows) are followed live, with no flush."""
+        ports = self.config.ports()
+        for exp in self.reconciler.exporters.values():
+            exp.set_ports(ports.get(exp.options.bridge, {}))
+
     def wait(self, poller) -> None:
         self.config.wait(poller)
         self.channel.wait(poller)
         if self._signal_r is not None:
             poller.fd_wait(self._signal_r, ovs.poller.POLLIN)
+        for exp in self.reconciler.exporters.values():
+            exp.wait(poller)
+        for exp in self.reconciler.retiring:
+            exp.wait(poller)
         deadlines = [d for d in (e.next_deadline() for e in
                                  self.reconciler.exporters.values())
                      if d is not None]
@@ -185,6 +205,14 @@ class Daemon:
             if bridge is None or exp.options.bridge == bridge:
                 n += exp.flush(now, sliced=True)
         return n
+
+    def reopen(self) -> int:
+        """Every exporter's file targets start a new file; returns how
+        many exporters."""
+        vlog.info("reopening IPFIX files")
+        for exp in self.reconciler.exporters.values():
+            exp.reopen()
+        return len(self.reconciler.exporters)
 
     def show(self, bridge: Optional[str] = None) -> str:
         out = []
@@ -231,8 +259,12 @@ class Daemon:
             self.exiting = True
             self.exit_reason = signal.Signals(signr).name
 
+        def hangup(_signr, _frame):
+            self.reopen_requested = True
+
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGHUP, hangup)
 
     def drain_signal_pipe(self) -> None:
         if self._signal_r is None:
@@ -253,6 +285,10 @@ def _register_commands(d: Daemon) -> None:
         n = d.flush(argv[0] if argv else None)
         conn.reply("flushed %d flows\n" % n)
 
+    def reopen(conn, _argv, _aux):
+        n = d.reopen()
+        conn.reply("reopened the IPFIX files of %d exporters\n" % n)
+
     def do_exit(conn, _argv, _aux):
         d.exiting = True
         d.exit_reason = "ovs-appctl exit"
@@ -261,6 +297,7 @@ def _register_commands(d: Daemon) -> None:
     ovs.unixctl.command_register("ipfix/show", "[BRIDGE]", 0, 1, show, None)
     ovs.unixctl.command_register("ipfix/flush", "[BRIDGE]", 0, 1, flush,
                                  None)
+    ovs.unixctl.command_register("ipfix/reopen", "", 0, 0, reopen, None)
     ovs.unixctl.command_register("exit", "", 0, 0, do_exit, None)
 
 
@@ -283,7 +320,8 @@ def parse_args(argv=None):
                         help="control socket path (default: $OVS_RUNDIR/"
                         "%s.PID.ctl)" % PROGRAM)
     ssl = parser.add_argument_group(
-        "SSL options (for an ssl: --db remote, as ovs-vsctl takes them)")
+        "SSL options (for an ssl: --db remote, as ovs-vsctl takes them, "
+        "and for tls: IPFIX targets)")
     ssl.add_argument("-p", "--private-key", metavar="FILE",
                      help="private key file")
     ssl.add_argument("-c", "--certificate", metavar="FILE",
@@ -329,6 +367,9 @@ def main(argv=None) -> int:
         ovs.stream.Stream.ssl_set_private_key_file(args.private_key)
         ovs.stream.Stream.ssl_set_certificate_file(args.certificate)
         ovs.stream.Stream.ssl_set_ca_cert_file(args.ca_cert)
+    # tls: targets present our certificate and check the collector's
+    # against the CA (ovs_ipfix_py.transport.tls).
+    tls.configure(args.private_key, args.certificate, args.ca_cert)
     metrics_at = None
     if args.metrics is not None:
         try:

@@ -28,13 +28,14 @@ monotonic one, so its timeouts fire late).
 
 from __future__ import annotations
 
+import collections
 import struct
 import time
 import zlib
 from collections import deque
 from typing import Dict, List, Optional
 
-from ovs_ipfix_py import fastpath, flowcache, message, packet
+from ovs_ipfix_py import fastpath, flowcache, interfaces, message, packet
 from ovs_ipfix_py import templates as t
 from ovs_ipfix_py.collector import MAX_UDP_PAYLOAD, CollectorSet
 from ovs_ipfix_py.flowcache import U64_MAX
@@ -51,14 +52,14 @@ log = RateLimitedLog("exporter")
 #: Cache key prefix: observation domain id, template id.
 KEY_PREFIX = struct.Struct("!IH")
 #: The aggregates after a record's key, one pack per record, by (IP
-#: layout, TCP layout): flowStart/EndDeltaMicroseconds, packetDeltaCount,
+#: layout, TCP layout): flowStart/EndMilliseconds, packetDeltaCount,
 #: layer2OctetDeltaCount, flowEndReason; then for IP octetDeltaCount,
 #: octetDeltaSumOfSquares, minimum/maximumIpTotalLength; then for TCP
 #: tcpControlBits (templates.py lists the same elements).
 _AGG_LAYOUT = {
-    (False, False): struct.Struct("!IIQQB").pack,
-    (True, False): struct.Struct("!IIQQBQQQQ").pack,
-    (True, True): struct.Struct("!IIQQBQQQQH").pack,
+    (False, False): struct.Struct("!QQQQB").pack,
+    (True, False): struct.Struct("!QQQQBQQQQ").pack,
+    (True, True): struct.Struct("!QQQQBQQQQH").pack,
 }
 _STATS_RECORD = struct.Struct("!IQQQ")
 #: Flows taken, packed and sent per slice of an export.
@@ -67,6 +68,10 @@ EXPORT_SLICE = 2048
 #: least one slice goes): then the loop reads its channel again.
 EXPORT_BUDGET = 0.02
 _BFD_PORTS = (3784, 3785)
+#: Bounds on the key-part caches (port pairs, tunnel values): a cache
+#: past its bound is emptied and refilled, so garbage port numbers or a
+#: tunnel source port per inner flow cannot grow it without end.
+_PART_CACHE_MAX = 4096
 _BFD_DPORTS = (b"\x0e\xc8", b"\x0e\xc9")
 
 
@@ -76,18 +81,30 @@ class ExporterStats:
     ``flows``: flows created; ``current_flows``: flows cached now;
     ``pkts``: samples taken; ``ipv4_ok``/``ipv6_ok``/``ipv4_errs``/
     ``ipv6_errs``/``errs`` classify them as OVS does; ``tx_pkts``/
-    ``tx_errs``: messages sent/failed, per collector.  Beyond OVS:
-    ``records`` exported, the RFC 7011 section 4.3 not-sent totals, and
-    samples dropped before the cache: ``dropped_disabled`` (their
-    direction's enable-input/output-sampling is false),
-    ``dropped_bad_probability`` (a flow sample with probability 0).
+    ``tx_errs``: messages sent/failed, per collector (a TCP, TLS or
+    file target counts a message it queued as sent, and one it loses
+    later as failed).  Beyond OVS:
+    ``records`` exported, the RFC 7011 section 4.3 not-sent totals,
+    flows exported by flowEndReason (``ended_idle``, ``ended_active``,
+    ``ended_eof``, ``ended_forced``, ``ended_lack``), and samples
+    dropped before the cache: ``dropped_disabled`` (their direction's
+    enable-input/output-sampling is false), ``dropped_bad_probability``
+    (a flow sample with probability 0).
     """
 
     __slots__ = ("flows", "current_flows", "pkts", "ipv4_ok", "ipv6_ok",
                  "tx_pkts", "errs", "ipv4_errs", "ipv6_errs", "tx_errs",
                  "records", "not_sent_flows", "not_sent_packets",
                  "not_sent_octets", "dropped_disabled",
-                 "dropped_bad_probability")
+                 "dropped_bad_probability", "ended_idle", "ended_active",
+                 "ended_eof", "ended_forced", "ended_lack")
+
+    #: flowEndReason (1..5) -> its counter, and how show() names it.
+    ENDED = {1: ("ended_idle", "idle timeout"),
+             2: ("ended_active", "active timeout"),
+             3: ("ended_eof", "end of flow"),
+             4: ("ended_forced", "forced end"),
+             5: ("ended_lack", "lack of resources")}
 
     def __init__(self):
         for name in self.__slots__:
@@ -104,6 +121,20 @@ class ExporterStats:
                 % (self.flows, self.current_flows, self.pkts, self.ipv4_ok,
                    self.ipv6_ok, self.tx_pkts, indent, self.errs,
                    self.ipv4_errs, self.ipv6_errs, self.tx_errs))
+
+    def format_ended(self) -> str:
+        """Flows exported by end reason, one line."""
+        return "ended: " + ", ".join(
+            "%s=%d" % (label, getattr(self, name))
+            for name, label in self.ENDED.values())
+
+    def count_ended(self, flows) -> None:
+        """Count expired flows by their flowEndReason."""
+        reasons = collections.Counter(f.reason for f in flows)
+        for reason, n in reasons.items():
+            name = self.ENDED.get(reason)
+            if name is not None:
+                setattr(self, name[0], getattr(self, name[0]) + n)
 
 
 class _Sink:
@@ -152,6 +183,7 @@ class _Flushed:
     def __init__(self, sink: _Sink, cache: flowcache.FlowCache):
         self.sink = sink
         self.cache = cache
+        cache.detach()
 
     def __len__(self) -> int:
         # (What take_oldest can take: the order, not the index.)
@@ -173,7 +205,7 @@ class Exporter:
             raise TypeError("not exporter options: %r" % (options,))
         self.exporting_process_id = zlib.crc32(
             repr(options.key).encode()) & UINT32_MAX
-        self.collectors = CollectorSet(options.export.targets, now)
+        self.collectors = self._collector_set(options.export, now)
         self.writer = message.MessageWriter(
             min(options.export.max_message_size, MAX_UDP_PAYLOAD),
             options.export.template_interval)
@@ -181,23 +213,28 @@ class Exporter:
         #: Flows waiting to be sent, oldest first (_Expired, _Flushed).
         self._queue = deque()
         self.next_stats = now + options.export.stats_interval
+        #: {OpenFlow port: interfaces.Interface} of the bridge (OVSDB),
+        #: set by set_ports(); unknown ports export what OVS exports.
+        self.ports: interfaces.Ports = {}
         self._derive_params()
 
     def _new_cache(self) -> flowcache.FlowCache:
         cache_opts = self.options.export.cache
-        return flowcache.FlowCache(cache_opts.active_timeout,
-                                   cache_opts.max_flows)
+        return flowcache.FlowCache(
+            cache_opts.active_timeout, cache_opts.max_flows,
+            idle_timeout=cache_opts.idle_timeout,
+            tcp_end_of_flow=cache_opts.tcp_end_of_flow)
 
     # -- configuration ----------------------------------------------------
 
     def _derive_params(self):
         """Values derived from the options, recomputed when they change:
         the bridge sample count, the fast path's key heads, the encoded
-        virtualObsID."""
+        virtualObsID; the key parts built from ports and tunnels."""
         o = self.options
         if self.is_bridge:
             self._count = UINT32_MAX // o.probability
-        self._heads = {}
+        self._forget_parts()
         # other_config:virtual_obs_id: sent after the key of every record
         # (a variable-length string, RFC 7011 section 7: 1-byte length),
         # in the templates that carry virtualObsID.
@@ -210,6 +247,51 @@ class Exporter:
             self._vobs_offset = t.VIRTUAL_OBS_OFFSET
         self._sink = _Sink(self.writer, self.collectors, self._vobs,
                            self._vobs_offset)
+
+    def _forget_parts(self) -> None:
+        self._heads = {}
+        # (input port, output port or None, direction) -> interface part.
+        self._ifaces: Dict = {}
+        # (port, upcall.Tunnel) -> tunnel part (b"": not tunnelled).
+        self._tunnels: Dict = {}
+
+    def set_ports(self, ports: interfaces.Ports) -> None:
+        """The bridge's ports as OVSDB has them now.  Ports that come, go
+        or are renumbered change the key parts of the samples that follow;
+        cached flows stay (a port change is no option change)."""
+        if ports != self.ports:
+            self.ports = dict(ports)
+            self._forget_parts()
+
+    def _iface_part(self, in_port: int, out_port: Optional[int],
+                    direction: int) -> bytes:
+        """interfaces.iface_part, built once per port pair."""
+        k = (in_port, out_port, direction)
+        part = self._ifaces.get(k)
+        if part is None:
+            if len(self._ifaces) >= _PART_CACHE_MAX:
+                self._ifaces.clear()
+            part = self._ifaces[k] = interfaces.iface_part(
+                self.ports, in_port, out_port, direction == t.EGRESS)
+        return part
+
+    def _tunnel_part(self, in_port: int, out_port: Optional[int],
+                     tunnel) -> bytes:
+        """interfaces.tunnel_part for a sample's tunnel metadata, built
+        once per (port, Tunnel).  As OVS: the input port's tunnel for a
+        sample without output port, else the output port's; nothing with
+        other_config:enable-tunnel-sampling=false."""
+        if tunnel is None or not self.options.export.enable_tunnel_sampling:
+            return b""
+        port = in_port if out_port is None else out_port
+        k = (port, tunnel)
+        part = self._tunnels.get(k)
+        if part is None:
+            if len(self._tunnels) >= _PART_CACHE_MAX:
+                self._tunnels.clear()
+            part = self._tunnels[k] = interfaces.tunnel_part(
+                self.ports.get(port), tunnel)
+        return part
 
     @property
     def name(self) -> str:
@@ -239,7 +321,7 @@ class Exporter:
             else:
                 self._send_stats(now)
                 self.collectors.close()
-            self.collectors = CollectorSet(new.targets, now)
+            self.collectors = self._collector_set(new, now)
             self.writer = message.MessageWriter(
                 min(new.max_message_size, MAX_UDP_PAYLOAD),
                 new.template_interval)
@@ -248,11 +330,50 @@ class Exporter:
                                        MAX_UDP_PAYLOAD)
             self.writer.template_interval = new.template_interval
             self.writer.forget_templates()
+            self.collectors.set_buffer_size(new.collector_buffer_size)
         self.cache.active_timeout = new.cache.active_timeout
         self.cache.max_flows = new.cache.max_flows
+        self.cache.set_rules(new.cache.idle_timeout,
+                             new.cache.tcp_end_of_flow)
         if new.stats_interval != old.stats_interval:
             self.next_stats = now + new.stats_interval
         self._derive_params()
+
+    # -- transports (issue 13) -----------------------------------------
+
+    def _collector_set(self, export, now: float) -> CollectorSet:
+        return CollectorSet(export.targets, now,
+                            export.collector_buffer_size, self._lost)
+
+    def _lost(self, msg: message.Message) -> None:
+        """A message a stream accepted and lost later (its buffer
+        overflowed, its connection broke in the middle of it, or it was
+        still queued at close): a transmit error, its records not sent
+        (RFC 7011 section 4.3)."""
+        st = self.stats
+        st.tx_errs += 1
+        st.not_sent_flows += msg.flows
+        st.not_sent_packets += msg.packets
+        st.not_sent_octets += msg.octets
+
+    def wait(self, poller) -> None:
+        """The transports' sockets (connecting, writing, EOF), those
+        of retired collectors still sending queued flows included."""
+        self.collectors.wait(poller)
+        for sink in self._retired_sinks():
+            sink.collectors.wait(poller)
+
+    def _retired_sinks(self) -> List[_Sink]:
+        """The retired sinks queued flows still go to (once each)."""
+        out = []
+        for item in self._queue:
+            if item.sink.retired and item.sink not in out:
+                out.append(item.sink)
+        return out
+
+    def reopen(self) -> None:
+        """File targets start a new file (log rotation)."""
+        self.collectors.reopen()
 
     def close(self, now: float) -> None:
         """Flush as forced end, send what waits and final statistics,
@@ -265,13 +386,15 @@ class Exporter:
 
     def sample_bridge(self, frame: bytes, orig_len: int, input_port: int,
                       output_port: Optional[int], now: float,
-                      probability: Optional[int] = None) -> None:
+                      probability: Optional[int] = None,
+                      tunnel=None) -> None:
         """One bridge sample; counts UINT32_MAX // probability packets.
 
         ``probability``: the sample's own (32-bit, as the channel carries
         it); None takes the configured sampling rate's.  ``output_port``
-        None means an ingress sample.  BFD packets (UDP to port
-        3784/3785) are skipped, as OVS skips them.
+        None means an ingress sample.  ``tunnel``: its upcall.Tunnel, or
+        None.  BFD packets (UDP to port 3784/3785) are skipped, as OVS
+        skips them.
         """
         o = self.options
         if output_port is None:
@@ -279,7 +402,6 @@ class Exporter:
                 self.stats.dropped_disabled += 1
                 return
             direction = t.INGRESS
-            output_port = 0
         else:
             if not o.enable_output_sampling:
                 self.stats.dropped_disabled += 1
@@ -291,12 +413,12 @@ class Exporter:
             count = self._count
         self._sample(frame, orig_len, count, o.obs_domain_id,
                      o.obs_point_id, direction, input_port, output_port,
-                     now, True)
+                     now, True, tunnel)
 
     def sample_flow(self, frame: bytes, orig_len: int, input_port: int,
                     output_port: Optional[int], probability: int,
                     obs_domain_id: int, obs_point_id: int, direction: int,
-                    now: float) -> None:
+                    now: float, tunnel=None) -> None:
         """One flow sample (OpenFlow ``sample`` action).
 
         Counts 65535 // ``probability`` packets.  ``direction`` as OVS's
@@ -315,22 +437,23 @@ class Exporter:
             d = t.INGRESS if output_port is None else t.EGRESS
         self._sample(frame, orig_len, UINT16_MAX // probability,
                      obs_domain_id, obs_point_id, d, input_port,
-                     output_port or 0, now, False)
+                     output_port, now, False, tunnel)
 
     def sample_bridge_batch(self, samples, now: float) -> None:
         """Many bridge samples at once: the hot path.
 
         ``samples``: objects with ``frame``, ``orig_len``,
-        ``input_port``, ``output_port`` and ``probability``
+        ``input_port``, ``output_port``, ``probability`` and ``tunnel``
         (upcall.BridgeSample); each counts UINT32_MAX // its own
         probability packets (the datapath may have sampled it at a rate
         the IPFIX row no longer says).
 
         Plain IPv4 frames (no VLAN, no IP options, not a later fragment)
-        carrying TCP, UDP, SCTP or ICMP take a fast path that builds the
-        key from slices of the frame; ``tests/test_exporter.py`` checks
-        that it gives exactly what ``packet.parse`` gives.  Everything
-        else goes through ``packet.parse``.  The fast path runs in C
+        carrying TCP, UDP, SCTP or ICMP, and no tunnel metadata, take a
+        fast path that builds the key from slices of the frame;
+        ``tests/test_exporter.py`` checks that it gives exactly what
+        ``packet.parse`` gives.  Everything else goes through
+        ``packet.parse``.  The fast path runs in C
         when ``fastpath.C`` is built (same results:
         ``tests/test_fastpath.py``), else in the Python below.
         """
@@ -361,7 +484,8 @@ class Exporter:
                 h = heads_for(in_port, out_port)
                 last_in = in_port
                 last_out = out_port
-            if (h is not None and len(f) >= 42 and f[12] == 8
+            if (h is not None and s.tunnel is None and len(f) >= 42
+                    and f[12] == 8
                     and f[13] == 0 and f[14] == 0x45
                     and not (f[20] & 0x1F or f[21])):
                 fast = h.get(f[23])
@@ -383,11 +507,8 @@ class Exporter:
             if pending:
                 flows += add_many(pending, now)
                 pending.clear()
-            if out_port is None:
-                self.sample_bridge(f, s.orig_len, in_port, None, now, p)
-            else:
-                self.sample_bridge(f, s.orig_len, in_port, out_port, now,
-                                   p)
+            self.sample_bridge(f, s.orig_len, in_port, out_port, now, p,
+                               s.tunnel)
         if pending:
             flows += add_many(pending, now)
         st = self.stats
@@ -420,11 +541,14 @@ class Exporter:
             while i < n:
                 s = samples[i]
                 self.sample_bridge(s.frame, s.orig_len, s.input_port,
-                                   s.output_port, now, s.probability)
+                                   s.output_port, now, s.probability,
+                                   s.tunnel)
                 i += 1
                 # Back to C at the next frame that may be plain IPv4
-                # (EtherType 0x0800, a 20-byte IPv4 header).
-                if i < n and samples[i].frame[12:15] == b"\x08\x00\x45":
+                # (EtherType 0x0800, a 20-byte IPv4 header) and carries
+                # no tunnel metadata (the C declines those).
+                if (i < n and samples[i].frame[12:15] == b"\x08\x00\x45"
+                        and samples[i].tunnel is None):
                     break
 
     def _heads_for(self, in_port, out_port):
@@ -449,12 +573,12 @@ class Exporter:
         if out_port is None:
             if not o.enable_input_sampling:
                 return None
-            direction, ports = t.INGRESS, struct.pack("!I", in_port)
+            direction = t.INGRESS
         else:
             if not o.enable_output_sampling:
                 return None
             direction = t.EGRESS
-            ports = struct.pack("!II", in_port, out_port)
+        iface = self._iface_part(in_port, out_port, direction)
         out = {}
         # (IP protocol, layout, end of the key's L4 slice, IP packet
         # bytes needed: 20 of IP header + the whole L4 header).
@@ -465,13 +589,15 @@ class Exporter:
             tid = t.template_id(t.L2_ETH, t.L3_IPV4, l4, direction)
             head = KEY_PREFIX.pack(domain, tid) + struct.pack(
                 "!IB", point & UINT32_MAX, direction)
-            mid = b"\x08\x00\x0e" + ports + b"\x04"
+            mid = b"\x08\x00\x0e" + iface + b"\x04"
             out[proto] = (head, mid, end, proto == 6, need)
         return out
 
     def _sample(self, frame, orig_len, count, domain, point, direction,
-                in_port, out_port, now, skip_bfd):
-        fk = packet.parse(frame, point, direction, in_port, out_port)
+                in_port, out_port, now, skip_bfd, tunnel=None):
+        fk = packet.parse(frame, point, direction,
+                          self._iface_part(in_port, out_port, direction),
+                          self._tunnel_part(in_port, out_port, tunnel))
         if skip_bfd and fk.udp_dst_port in _BFD_PORTS:
             return
         st = self.stats
@@ -521,6 +647,9 @@ class Exporter:
             # A collector joined: every template goes out again, before
             # the next data, so it never sees data it cannot decode.
             self.writer.forget_templates()
+        self.collectors.run(now)
+        for sink in self._retired_sinks():
+            sink.collectors.run(now)
         deadline = time.perf_counter() + EXPORT_BUDGET
         self._queue_expired()
         sent = self._send_queued(now, deadline)
@@ -593,32 +722,34 @@ class Exporter:
 
     def _send_flows(self, flows, now: float, sink: _Sink) -> None:
         """Pack and send ``flows`` (in order) through ``sink``."""
-        et_us = message.export_time(now) * 1000000
         # Flows grouped by their key's first 6 bytes (domain, template
-        # id), in expiry order within each group.
-        groups: Dict[bytes, List] = {}
+        # id) and its length, in expiry order within each group: the
+        # variable-length fields (interface names, tunnel key) make
+        # records of one template differ in length, and a RecordBlock
+        # holds records of one length.
+        groups: Dict = {}
         for f in flows:
-            prefix = f.key[:6]
-            g = groups.get(prefix)
+            gk = (f.key[:6], len(f.key))
+            g = groups.get(gk)
             if g is None:
-                g = groups[prefix] = []
+                g = groups[gk] = []
             g.append(f)
         vobs, vobs_offset = sink.vobs, sink.vobs_offset
         pack = fastpath.C.pack_records if fastpath.C else pack_records
         by_domain: Dict[int, List] = {}
-        for prefix, group in groups.items():
+        for (prefix, _), group in groups.items():
             domain, tid = KEY_PREFIX.unpack(prefix)
             tid += vobs_offset
             template = t.get(tid)
-            data, packets, octets = pack(group, et_us, vobs,
+            data, packets, octets = pack(group, vobs,
                                          bool(template.l3),
                                          template.l4 == t.L4_TCP)
-            # (Every record of a template has the same length, the
-            # virtualObsID string included.)
+            # (Every record of a group has the same length.)
             by_domain.setdefault(domain, []).append(
                 (tid, template.record, message.RecordBlock(
                     data, len(data) // len(group), packets, octets)))
         self.stats.records += len(flows)
+        self.stats.count_ended(flows)
         for domain, tgroups in by_domain.items():
             for msg in sink.writer.data_messages(domain, now, tgroups):
                 self._send(msg, sink.collectors)
@@ -678,36 +809,40 @@ class Exporter:
             head = "bridge %s id %d: " % (o.bridge, o.collector_set_id)
         self.stats.current_flows = len(self.cache)
         lines = [head + self.stats.format(" " * len(head))]
-        lines.append("%scache: %d flows, active timeout %ds, max flows %d"
-                     % (" " * len(head), len(self.cache),
-                        o.export.cache.active_timeout,
-                        o.export.cache.max_flows))
-        lines.append("%scollectors: %s" % (
-            " " * len(head),
-            ", ".join("%s (tx %d, errs %d)" % (c.spec, c.tx_packets,
-                                                c.tx_errors)
-                      for c in self.collectors.collectors) or "none"))
+        c = o.export.cache
+        lines.append("%scache: %d flows, active timeout %ds, idle timeout "
+                     "%s, max flows %d, tcp end of flow %s"
+                     % (" " * len(head), len(self.cache), c.active_timeout,
+                        "%ds" % c.idle_timeout if c.idle_timeout else "off",
+                        c.max_flows,
+                        "on" if c.tcp_end_of_flow else "off"))
+        lines.append(" " * len(head) + self.stats.format_ended())
+        described = self.collectors.describe()
+        if not described:
+            lines.append("%scollectors: none" % (" " * len(head)))
+        for line in described:
+            lines.append("%scollector %s" % (" " * len(head), line))
         for spec, why in self.collectors.bad_targets:
             lines.append("%sbad target %s: %s" % (" " * len(head), spec,
                                                   why))
         return "\n".join(lines)
 
 
-def pack_records(flows, et_us: int, vobs: bytes, ip: bool, tcp: bool):
+def pack_records(flows, vobs: bytes, ip: bool, tcp: bool):
     """Data records of expired flows of one template, back to back:
     ``(data, packets, octets)``, the last two per record (octets: IP
     octets for IP layouts, layer-2 octets otherwise) for the not-sent
-    totals.  ``et_us``: the message's export time in microseconds, which
-    the delta timestamps count back from; ``vobs``: the encoded
-    virtualObsID, or b"".  (``fastpath.C.pack_records`` does the same in
-    C; tests/test_fastpath.py checks both.)"""
+    totals.  ``vobs``: the encoded virtualObsID, or b"".  First and
+    last seen go out as flowStart/EndMilliseconds (ms since the epoch,
+    truncated: see ``time_ms``).  (``fastpath.C.pack_records`` does the
+    same in C; tests/test_fastpath.py checks both.)"""
     pack = _AGG_LAYOUT[ip, tcp]
     recs = []
     packets = []
     octets = []
     for f in flows:
-        sd = _clamp32(et_us - int(round(f.start * 1e6)))
-        ed = _clamp32(et_us - int(round(f.end * 1e6)))
+        sd = time_ms(f.start)
+        ed = time_ms(f.end)
         if tcp:
             agg = pack(sd, ed, f.packets, f.l2_octets, f.reason, f.octets,
                        f.sumsq, f.min_len, f.max_len, f.tcp_flags)
@@ -722,8 +857,19 @@ def pack_records(flows, et_us: int, vobs: bytes, ip: bool, tcp: bool):
     return b"".join(recs), packets, octets
 
 
-def _clamp32(value: int) -> int:
-    """Delta timestamps are unsigned32: never negative, never wrapped."""
-    if value < 0:
+def time_ms(t: float) -> int:
+    """A time in s since the epoch as dateTimeMilliseconds (RFC 7011
+    section 6.1.8: unsigned64 ms since 1970): truncated to the ms,
+    never negative, never wrapped.  A time no clock gives (inf, NaN)
+    raises OverflowError."""
+    if t != t or t in (_INF, -_INF):
+        raise OverflowError("flow time out of range")
+    ms = t * 1000.0
+    if ms <= 0.0:
         return 0
-    return value if value <= UINT32_MAX else UINT32_MAX
+    return int(ms) if ms < _U64_LIMIT else U64_MAX
+
+
+_INF = float("inf")
+#: 2^64 as a float: ms at or beyond it hold at 2^64-1.
+_U64_LIMIT = 18446744073709551616.0

@@ -263,14 +263,27 @@ class DaemonCollector:
         yield timeout
         yield pending
 
-        cnames = names + ["target"]
-        ctx = CounterMetricFamily(
-            "ovs_ipfix_collector_tx_messages",
-            "IPFIX messages sent to one collector.", labels=cnames)
-        cerr = CounterMetricFamily(
-            "ovs_ipfix_collector_tx_errors",
-            "IPFIX messages that failed to send to one collector.",
-            labels=cnames)
+        cnames = names + ["target", "transport"]
+        per_collector = (
+            (CounterMetricFamily, "tx_messages", "tx_packets",
+             "IPFIX messages sent (or queued, on a stream) to one "
+             "collector."),
+            (CounterMetricFamily, "tx_bytes", "tx_bytes",
+             "Bytes sent to one collector."),
+            (CounterMetricFamily, "tx_errors", "tx_errors",
+             "Failed sends and failed connection attempts."),
+            (CounterMetricFamily, "dropped_records", "dropped_records",
+             "Data records a collector's transport lost (buffer full, "
+             "connection lost in the middle of a message)."),
+            (GaugeMetricFamily, "connected", "connected",
+             "1 when the transport is connected (always 1 for UDP)."),
+            (GaugeMetricFamily, "buffered_messages", "buffered_messages",
+             "Messages waiting in a stream's buffer."),
+            (GaugeMetricFamily, "buffered_records", "buffered_records",
+             "Data records waiting in a stream's buffer."))
+        fams = [(cls("ovs_ipfix_collector_" + metric, text,
+                     labels=cnames), attr)
+                for cls, metric, attr, text in per_collector]
         bad = GaugeMetricFamily(
             "ovs_ipfix_collector_bad_targets",
             "Targets that do not parse or resolve (skipped, retried when "
@@ -278,11 +291,12 @@ class DaemonCollector:
         for e in exporters:
             labels = _exporter_labels(e)
             for c in e.collectors.collectors:
-                ctx.add_metric(labels + [c.spec], c.tx_packets)
-                cerr.add_metric(labels + [c.spec], c.tx_errors)
+                clabels = labels + [c.spec, getattr(c, "kind", "") or "udp"]
+                for fam, attr in fams:
+                    fam.add_metric(clabels, int(getattr(c, attr, 0)))
             bad.add_metric(labels, len(e.collectors.bad_targets))
-        yield ctx
-        yield cerr
+        for fam, _ in fams:
+            yield fam
         yield bad
 
         cs = d.channel.stats

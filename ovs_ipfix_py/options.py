@@ -22,10 +22,18 @@ DEFAULT_COLLECTOR_PORT = 4739
 DEFAULT_SAMPLING = 400
 DEFAULT_TEMPLATE_INTERVAL = 600
 DEFAULT_STATS_INTERVAL = 600
+#: other_config:cache-idle-timeout's upper bound (s): as
+#: cache_active_timeout's.
+MAX_IDLE_TIMEOUT = 4200
 #: RFC 7011 section 10.3.3: without path MTU knowledge, 512 bytes is
 #: safe; 1400 fits any Ethernet path with room for tunnels.
 DEFAULT_MAX_MESSAGE_SIZE = 1400
 MIN_MAX_MESSAGE_SIZE = 512
+#: other_config:collector-buffer-size (bytes): what a TCP, TLS or file
+#: target holds while its collector is away or slower than a flush
+#: (transport/stream.py says why so much).
+DEFAULT_COLLECTOR_BUFFER_SIZE = 64 << 20
+MAX_COLLECTOR_BUFFER_SIZE = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +44,17 @@ class CacheOptions:
     exported with reason active timeout.  ``max_flows``: above this many
     cached flows the oldest-started leave with reason lack of resources.
     Both 0 means no caching: every sample is exported at once (as OVS).
+    ``idle_timeout`` (s, other_config:cache-idle-timeout, 0: off): a
+    flow with no sample for this long leaves with reason idle timeout.
+    ``tcp_end_of_flow`` (other_config:tcp-end-of-flow): a TCP flow that
+    saw FIN or RST leaves with reason end of flow detected, after a
+    short linger (flowcache.TCP_END_LINGER).
     """
 
     active_timeout: int = 0
     max_flows: int = 0
+    idle_timeout: int = 0
+    tcp_end_of_flow: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -55,6 +70,8 @@ class ExportOptions:
     ``template_interval`` / ``stats_interval`` in seconds.
     ``max_message_size`` in bytes (never below 512).
     ``virtual_obs_id``: other_config:virtual_obs_id, or None.
+    ``collector_buffer_size``: bytes each TCP/TLS/file target buffers
+    while its collector is away (other_config:collector-buffer-size).
     """
 
     targets: Tuple[str, ...] = ()
@@ -64,6 +81,7 @@ class ExportOptions:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     enable_tunnel_sampling: bool = True
     virtual_obs_id: Optional[str] = None
+    collector_buffer_size: int = DEFAULT_COLLECTOR_BUFFER_SIZE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,8 +26,9 @@ default vlan-limit of 1 reports such frames as non-IP with ethernetType
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
+from ovs_ipfix_py import interfaces
 from ovs_ipfix_py import templates as t
 
 # Sample classification, as OVS's enum ipfix_sampled_packet_type.
@@ -63,6 +64,7 @@ _IPV6_EXT = frozenset((_IPV6_EXT_HOPOPTS, _IPV6_EXT_ROUTING,
                        _IPV6_EXT_FRAGMENT, _IPV6_EXT_DSTOPTS, _IPV6_EXT_AH))
 
 _ZERO4 = bytes(4)
+_UNKNOWN_EGRESS = interfaces.UNKNOWN_IFACE * 2
 _ZERO16 = bytes(16)
 _U32 = struct.Struct("!I")
 _HEAD = struct.Struct("!IB")          # observationPointId, flowDirection
@@ -93,12 +95,17 @@ class FlowKey(NamedTuple):
 
 
 def parse(frame: bytes, obs_point_id: int = 0, direction: int = t.INGRESS,
-          input_port: int = 0, output_port: int = 0) -> FlowKey:
+          iface: Optional[bytes] = None, tunnel: bytes = b"") -> FlowKey:
     """Parse ``frame`` into its encoded flow key.  Never raises.
 
-    ``obs_point_id``, ``direction`` (templates.INGRESS or EGRESS),
-    ``input_port`` and ``output_port`` (u32 port numbers; the output
-    port is only encoded for egress) are part of the key.
+    ``obs_point_id`` and ``direction`` (templates.INGRESS or EGRESS) are
+    part of the key.  ``iface``: the interface part of the key
+    (interfaces.iface_part: the input port's elements, and for egress
+    the output port's), None for unknown ports.  ``tunnel``: the tunnel
+    part (interfaces.tunnel_part), b"" for an untunnelled sample; a
+    tunnelled one takes the tunnel layout's template and ends its key
+    with these bytes.  Both are opaque here: the caller builds and
+    caches them per port pair and per tunnel.
     """
     n = len(frame)
     if n < 14:
@@ -126,12 +133,12 @@ def parse(frame: bytes, obs_point_id: int = 0, direction: int = t.INGRESS,
         etype = ETH_TYPE_NONE
 
     head = _HEAD.pack(obs_point_id & 0xFFFFFFFF, direction)
-    ports = _U32.pack(input_port & 0xFFFFFFFF)
-    if direction == t.EGRESS:
-        ports += _U32.pack(output_port & 0xFFFFFFFF)
+    if iface is None:
+        iface = (_UNKNOWN_EGRESS if direction == t.EGRESS
+                 else interfaces.UNKNOWN_IFACE)
     l2part = b"".join((head, f[6:12], f[0:6], bytes((etype >> 8,
                                                      etype & 0xFF, off)),
-                       ports, vlan))
+                       iface, vlan))
 
     if etype == ETH_TYPE_IP:
         l3part, l4, tcp_flags, kind, dport = _ipv4(f, off, n)
@@ -140,10 +147,12 @@ def parse(frame: bytes, obs_point_id: int = 0, direction: int = t.INGRESS,
         l3part, l4, tcp_flags, kind, dport = _ipv6(f, off, n)
         l3 = t.L3_IPV6
     else:
-        return FlowKey(t.template_id(l2, t.L3_NONE, t.L4_NONE, direction),
-                       l2part, off, False, 0, OTHER, -1)
-    return FlowKey(t.template_id(l2, l3, l4, direction), l2part + l3part,
-                   off, True, tcp_flags, kind, dport)
+        return FlowKey(t.template_id(l2, t.L3_NONE, t.L4_NONE, direction,
+                                     bool(tunnel)),
+                       l2part + tunnel, off, False, 0, OTHER, -1)
+    return FlowKey(t.template_id(l2, l3, l4, direction, bool(tunnel)),
+                   l2part + l3part + tunnel, off, True, tcp_flags, kind,
+                   dport)
 
 
 def _l4(f, off, end, proto, l4, later_fragment):

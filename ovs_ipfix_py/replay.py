@@ -5,8 +5,9 @@ Usage (the contract other tools rely on)::
 
     ovs-ipfix-replay [--channel=PATH] [--bridge=NAME] [--sampling=N]
         [--seed=S] [--collector-set=ID --obs-domain-id=D --obs-point-id=P
-        [--probability=P16] [--direction=DIR]] [--input-port=N]
-        [--output-port=N] [--rate=PPS] [--max-datagram=BYTES] FILE
+        [--probability=P16] [--direction=DIR]] [--input-port=N |
+        --tunnel-port=N] [--output-port=N] [--rate=PPS]
+        [--max-datagram=BYTES] FILE
 
 - Bridge samples by default, on ``--bridge`` (br0).  ``--sampling=N``
   picks each packet with probability 1/N (random, seeded by ``--seed``,
@@ -19,6 +20,11 @@ Usage (the contract other tools rely on)::
   would, so the exporter's scaled counts stay estimates of the file.
 - ``--input-port`` (default 1); ``--output-port`` (default none: an
   ingress sample).
+- ``--tunnel-port=N``: FILE holds underlay frames.  VXLAN, Geneve and
+  GRE (Ethernet payload) packets over IPv4 or IPv6 are decapsulated and
+  each inner frame is sent as received on port N with its tunnel
+  metadata; other frames are sent as they are on port N, without
+  (``ovs_ipfix_py.decap``).
 - ``--rate=PPS`` paces the packets read from the file to PPS per second;
   by default they go as fast as the channel takes them.  Sends block when
   the exporter's queue is full, so nothing is lost on the way.
@@ -47,7 +53,7 @@ from typing import Iterable, NamedTuple, Optional, Tuple
 
 import ovs.dirs
 
-from ovs_ipfix_py import upcall
+from ovs_ipfix_py import decap, upcall
 from ovs_ipfix_py.pcap import PcapError, read_frames
 
 PROG = "ovs-ipfix-replay"
@@ -152,7 +158,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--direction", metavar="DIR", type=_direction,
                    default=None, help="flow sample direction: 0/default, "
                    "1/ingress, 2/egress (default 0)")
-    p.add_argument("--input-port", metavar="N", type=_uint(32), default=1)
+    p.add_argument("--input-port", metavar="N", type=_uint(32), default=None,
+                   help="(default 1)")
+    p.add_argument("--tunnel-port", metavar="N", type=_uint(32),
+                   default=None, help="decapsulate VXLAN, Geneve and GRE "
+                   "frames, sent as received on tunnel port N with their "
+                   "tunnel metadata")
     p.add_argument("--output-port", metavar="N", type=_uint(32),
                    default=None, help="(default: none, an ingress sample)")
     p.add_argument("--rate", metavar="PPS", type=_rate, default=None,
@@ -170,6 +181,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     elif args.sampling != 1:
         p.error("--sampling is for bridge samples; flow samples use "
                 "--probability")
+    if args.tunnel_port is not None:
+        if args.input_port is not None:
+            p.error("--tunnel-port is the input port: give one of "
+                    "--input-port and --tunnel-port")
+        args.input_port = args.tunnel_port
+    elif args.input_port is None:
+        args.input_port = 1
     if args.max_datagram > upcall.MAX_DATAGRAM_SIZE:
         p.error(f"--max-datagram above {upcall.MAX_DATAGRAM_SIZE}")
     if args.channel is None:
@@ -273,8 +291,13 @@ def main(argv=None) -> int:
         template, pick = _template(args)
         sock = _connect(args.channel)
         try:
-            summary = replay(frames, sock, template, pick, args.seed,
-                             args.rate, args.max_datagram)
+            if args.tunnel_port is not None:
+                summary = decap.replay(frames, sock, template,
+                                       args.tunnel_port, pick, args.seed,
+                                       args.rate, args.max_datagram)
+            else:
+                summary = replay(frames, sock, template, pick, args.seed,
+                                 args.rate, args.max_datagram)
         except OSError as e:
             raise ReplayError(f"sending to {args.channel} failed: "
                               f"{e.strerror or e}") from None

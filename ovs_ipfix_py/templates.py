@@ -1,17 +1,22 @@
 """Template layouts and their stable ids.
 
-A data record's layout is fixed by four choices, as in OVS's
+A data record's layout is fixed by five choices, as in OVS's
 ofproto-dpif-ipfix.c: L2 (plain Ethernet | VLAN), L3 (non-IP | IPv4 |
-IPv6), L4 (none | TCP | UDP | SCTP | ICMP) and flow direction (ingress |
-egress: egress records also carry egressInterface).  Each combination
-has one template whose id never changes:
+IPv6), L4 (none | TCP | UDP | SCTP | ICMP), tunnel (not tunnelled |
+tunnelled: the VMware tunnel elements after the L4 part) and flow
+direction (ingress | egress: egress records also carry the output
+port's interface elements).  Each combination has one template whose id
+never changes:
 
     id = 256 + ((l2 * 3 + l3) * 5 + l4) * 2 + direction
+         [+ TUNNEL_OFFSET when tunnelled]
 
-Non-IP layouts have no L4 part, so 44 of the 60 ids are used.  Options
-templates (exporter statistics) use ids above that range, and the
-variants carrying virtualObsID (other_config:virtual_obs_id) use the
-plain id + VIRTUAL_OBS_OFFSET.
+Non-IP layouts have no L4 part, so 44 of the 60 ids of each tunnel
+dimension are used.  Options templates (exporter statistics) use an id
+between the ranges, and the variants carrying virtualObsID
+(other_config:virtual_obs_id) use the id + VIRTUAL_OBS_OFFSET.  (OVS
+computes its ids with the tunnel as a dimension inside the formula; ours
+keep the untunnelled ids of earlier releases.)
 
 Templates are lists of information element names; ids, types and
 lengths come from the element table under ``schemas/``.  A few
@@ -36,6 +41,11 @@ TEMPLATE_ID_MIN = 256
 #: their own ids, this far above the plain ones, so an id never changes
 #: layout within a session (RFC 7011 section 8.1).
 VIRTUAL_OBS_OFFSET = 100
+#: Tunnelled layouts (the sample crossed a tunnel port with tunnel
+#: metadata) have their own ids, this far above the untunnelled ones.
+TUNNEL_OFFSET = 200
+#: A variable-length field's length in a template (RFC 7011 section 7).
+VARIABLE = 65535
 #: Options template: exporting process reliability statistics
 #: (RFC 7011 section 4.3).
 OPTIONS_EXPORTER_STATS_ID = 320
@@ -48,9 +58,19 @@ _COMMON_KEY = [
     ("destinationMacAddress", 6),
     ("ethernetType", 2),
     ("ethernetHeaderLength", 1),
+    # The input port (interfaces.iface_part), as OVS 3.1 sends it.
     ("ingressInterface", 4),
+    ("ingressInterfaceType", 4),
+    ("interfaceName", VARIABLE),
+    ("interfaceDescription", VARIABLE),
 ]
-_EGRESS_KEY = [("egressInterface", 4)]
+#: The output port, egress only.
+_EGRESS_KEY = [
+    ("egressInterface", 4),
+    ("egressInterfaceType", 4),
+    ("interfaceName", VARIABLE),
+    ("interfaceDescription", VARIABLE),
+]
 _VLAN_KEY = [("vlanId", 2), ("dot1qVlanId", 2), ("dot1qPriority", 1)]
 _IP_KEY = [
     ("ipVersion", 1),
@@ -70,9 +90,25 @@ _PORTS_KEY = [("sourceTransportPort", 2), ("destinationTransportPort", 2)]
 _ICMP4_KEY = [("icmpTypeIPv4", 1), ("icmpCodeIPv4", 1)]
 _ICMP6_KEY = [("icmpTypeIPv6", 1), ("icmpCodeIPv6", 1)]
 
+#: After the L4 part, in tunnelled layouts (interfaces.tunnel_part).
+_TUNNEL_KEY = [
+    ("tunnelSourceIPv4Address", 4),
+    ("tunnelDestinationIPv4Address", 4),
+    ("tunnelProtocolIdentifier", 1),
+    ("tunnelSourceTransportPort", 2),
+    ("tunnelDestinationTransportPort", 2),
+    ("tunnelType", 1),
+    ("tunnelKey", VARIABLE),
+]
+
+#: Absolute times (dateTimeMilliseconds), not OVS's
+#: flowStart/EndDeltaMicroseconds: nfdump 1.7 reads the deltas as times
+#: near 1970, and when a record carries both it takes whichever comes
+#: last; nfacctd and tshark read the absolute ones (README, "Reading the
+#: records with nfdump").
 _COMMON_AGG = [
-    ("flowStartDeltaMicroseconds", 4),
-    ("flowEndDeltaMicroseconds", 4),
+    ("flowStartMilliseconds", 8),
+    ("flowEndMilliseconds", 8),
     ("packetDeltaCount", 8),
     ("layer2OctetDeltaCount", 8),
     ("flowEndReason", 1),
@@ -87,7 +123,7 @@ _TCP_AGG = [("tcpControlBits", 2)]
 
 #: OVS puts it after the flow key when other_config:virtual_obs_id is
 #: set: a variable-length string (VMware enterprise element).
-_VIRTUAL_OBS = [("virtualObsID", 65535)]
+_VIRTUAL_OBS = [("virtualObsID", VARIABLE)]
 
 _STATS_SCOPE = [("exportingProcessId", 4)]
 _STATS_FIELDS = [
@@ -116,6 +152,7 @@ class Template(NamedTuple):
     record: bytes
     data_length: int
     virtual_obs: bool = False
+    tunnel: bool = False
 
     @property
     def fields(self) -> Tuple[Tuple[str, int], ...]:
@@ -124,7 +161,9 @@ class Template(NamedTuple):
 
     @property
     def key_length(self) -> int:
-        return sum(length for _, length in self.key_fields)
+        """The key's length with its variable-length fields empty."""
+        return sum(1 if length == VARIABLE else length
+                   for _, length in self.key_fields)
 
 
 class OptionsTemplate(NamedTuple):
@@ -137,9 +176,11 @@ class OptionsTemplate(NamedTuple):
     data_length: int
 
 
-def template_id(l2: int, l3: int, l4: int, direction: int) -> int:
+def template_id(l2: int, l3: int, l4: int, direction: int,
+                tunnel: bool = False) -> int:
     """The stable template id of a layout."""
-    return TEMPLATE_ID_MIN + ((l2 * 3 + l3) * 5 + l4) * 2 + direction
+    return (TEMPLATE_ID_MIN + ((l2 * 3 + l3) * 5 + l4) * 2 + direction
+            + (TUNNEL_OFFSET if tunnel else 0))
 
 
 def _field_specifiers(fields) -> bytes:
@@ -162,7 +203,7 @@ def _field_specifiers(fields) -> bytes:
     return b"".join(out)
 
 
-def _layout_fields(l2, l3, l4, direction):
+def _layout_fields(l2, l3, l4, direction, tunnel=False):
     key = list(_COMMON_KEY)
     if direction == EGRESS:
         key += _EGRESS_KEY
@@ -179,6 +220,8 @@ def _layout_fields(l2, l3, l4, direction):
         agg += _IP_AGG
         if l4 == L4_TCP:
             agg += _TCP_AGG
+    if tunnel:
+        key += _TUNNEL_KEY
     return tuple(key), tuple(agg)
 
 
@@ -189,9 +232,10 @@ def _build_all() -> Dict[int, Template]:
             l4s = ((L4_NONE,) if l3 == L3_NONE
                    else (L4_NONE, L4_TCP, L4_UDP, L4_SCTP, L4_ICMP))
             for l4 in l4s:
-                for direction in (INGRESS, EGRESS):
-                    tid = template_id(l2, l3, l4, direction)
-                    key, agg = _layout_fields(l2, l3, l4, direction)
+                for direction, tunnel in ((d, tun) for tun in (False, True)
+                                          for d in (INGRESS, EGRESS)):
+                    tid = template_id(l2, l3, l4, direction, tunnel)
+                    key, agg = _layout_fields(l2, l3, l4, direction, tunnel)
                     for vobs in (False, True):
                         extra = tuple(_VIRTUAL_OBS) if vobs else ()
                         vid = tid + (VIRTUAL_OBS_OFFSET if vobs else 0)
@@ -202,8 +246,8 @@ def _build_all() -> Dict[int, Template]:
                         # their 1-byte length prefix only).
                         out[vid] = Template(
                             vid, l2, l3, l4, direction, key, agg, record,
-                            sum(1 if length == 65535 else length
-                                for _, length in fields), vobs)
+                            sum(1 if length == VARIABLE else length
+                                for _, length in fields), vobs, tunnel)
     return out
 
 
@@ -230,7 +274,8 @@ def _ensure_built() -> None:
 
 
 def all_templates() -> Dict[int, Template]:
-    """The data template of every layout, by id (built once)."""
+    """The data template of every layout, tunnelled ones included, by id
+    (built once)."""
     _ensure_built()
     return _TEMPLATES
 

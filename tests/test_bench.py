@@ -15,11 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "tools", "bench")
 
 #: Every row of the table, in order.
-ROWS = (["1.%d" % i for i in range(1, 20)]
+ROWS = (["1.%d" % i for i in range(1, 23)]
         + ["2.%d" % i for i in range(1, 6)]
         + ["3.1", "3.2", "3.3", "4.1", "4.2"])
-#: Rows that carry a target from issues 2 and 5.
-TARGETED = {"1.4", "1.6", "1.13", "1.16", "1.19", "3.2", "3.3"}
+#: Rows that carry a target from issues 2, 5 and 11.
+TARGETED = {"1.4", "1.6", "1.13", "1.16", "1.19", "1.22", "3.2", "3.3"}
 ROW = re.compile(r"^(\d\.\d+) +(\S.*)$")
 NUMBER = r"-?[0-9][0-9,]*(\.[0-9]+)?"
 

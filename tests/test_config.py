@@ -162,10 +162,14 @@ def test_bridge_and_flow_exporter_all_values(ovsdb, reader_factory):
         "other_config:enable-input-sampling=false",
         "other_config:enable-output-sampling=true",
         "other_config:virtual_obs_id=vobs-1",
-        "other_config:max-message-size=9000"])
+        "other_config:max-message-size=9000",
+        "other_config:cache-idle-timeout=15",
+        "other_config:tcp-end-of-flow=true"])
     desired = sync(cfg)
     export = ExportOptions(
-        targets=("127.0.0.1:4739",), cache=CacheOptions(60, 10000),
+        targets=("127.0.0.1:4739",),
+        cache=CacheOptions(60, 10000, idle_timeout=15,
+                           tcp_end_of_flow=True),
         template_interval=600, stats_interval=600, max_message_size=9000,
         enable_tunnel_sampling=False, virtual_obs_id="vobs-1")
     assert desired == {
@@ -292,6 +296,32 @@ def test_invalid_values_warn_once_and_never_raise(ovsdb, reader_factory):
     assert sync(cfg)[("bridge", "br0")].export.max_message_size == 1400
     assert cfg.stats["config_warnings"] == 6
     assert "'abc' is not a number of bytes" in cfg.recent_warnings[-1]
+
+
+def test_transport_targets_and_buffer_size(ovsdb, reader_factory):
+    """tcp:/tls:/file: targets are read as they are; a bad one warns;
+    other_config:collector-buffer-size is bytes, checked."""
+    cfg = reader_factory(ovsdb.remote)
+    create_ipfix(ovsdb, ipfix_args=[
+        'targets=["tcp:127.0.0.1:4739","tls:[::1]","file:/var/x.ipfix",'
+        '"file:relative"]',
+        "other_config:collector-buffer-size=4096"])
+    value = sync(cfg)[("bridge", "br0")]
+    assert value.export.targets == ("file:/var/x.ipfix", "file:relative",
+                                    "tcp:127.0.0.1:4739", "tls:[::1]")
+    assert value.export.collector_buffer_size == 4096
+    warnings = list(cfg.recent_warnings)
+    assert len(warnings) == 1 and "'file:relative'" in warnings[0] \
+        and "absolute path" in warnings[0], warnings
+    ovsdb.vsctl("set", "IPFIX", ".", "other_config:collector-buffer-size=x")
+    assert sync(cfg)[("bridge", "br0")].export.collector_buffer_size == \
+        64 << 20
+    assert "collector-buffer-size='x' is not a number of bytes" in \
+        cfg.recent_warnings[-1]
+    ovsdb.vsctl("remove", "IPFIX", ".", "other_config",
+                "collector-buffer-size")
+    assert sync(cfg)[("bridge", "br0")].export.collector_buffer_size == \
+        64 << 20
 
 
 def read_with_vlog(remote):
@@ -521,3 +551,96 @@ def test_close_drops_the_connection(ovsdb, reader_factory):
     assert memory()["monitors"] == "0" and "sessions" not in memory()
     cfg.run()                                 # harmless after close
     assert not cfg.connected and not cfg.changed()
+
+
+# -- ports: Bridge.ports -> Port.interfaces -> Interface ----------------------
+
+def test_ports_are_read_and_followed_live(ovsdb, reader_factory):
+    """Interface rows become interfaces.Interface values per bridge and
+    OpenFlow port; a port that comes, is renamed, renumbered or goes
+    changes ports(), never desired() (no flush)."""
+    from ovs_ipfix_py.interfaces import Interface
+    cfg = reader_factory(ovsdb.remote)
+    create_ipfix(ovsdb, ipfix_args=['targets="127.0.0.1:4739"'])
+    ovsdb.vsctl("add-port", "br0", "p1", "--", "set", "Interface", "p1",
+                "ofport=1", "ifindex=7", "status:if_type=6",
+                'status:if_descr="uplink NIC"', "--",
+                "add-port", "br0", "vx0", "--", "set", "Interface", "vx0",
+                "type=vxlan", "ofport=10", "options:remote_ip=flow", "--",
+                "add-port", "br0", "new", "--", "set", "Interface", "new",
+                "ofport=-1")
+    desired = sync(cfg)
+    assert cfg.ports() == {"br0": {
+        1: Interface(1, "p1", 7, 6, "uplink NIC", ""),
+        10: Interface(10, "vx0", 0, 0, "", "vxlan"),
+    }}
+    assert cfg.ports()["br0"][10].tunnel_type == 1
+    ovsdb.vsctl("set", "Interface", "vx0", "ofport=11", "--",
+                "set", "Interface", "new", "ofport=3", "--",
+                "del-port", "br0", "p1")
+    assert sync(cfg) == desired
+    assert cfg.ports() == {"br0": {11: Interface(11, "vx0", type="vxlan"),
+                                   3: Interface(3, "new")}}
+
+
+def test_ports_with_an_older_schema(ovsdb_factory, reader_factory,
+                                    tmp_path):
+    """A schema without Interface.ifindex and status (older OVS): ports
+    are still read, ifindex, type and description 0 and empty."""
+    from ovs_ipfix_py.interfaces import Interface
+    with open("/usr/share/openvswitch/vswitch.ovsschema") as f:
+        schema = json.load(f)
+    schema["version"] = "7.0.0"
+    schema.pop("cksum", None)
+    for column in ("ifindex", "status"):
+        del schema["tables"]["Interface"]["columns"][column]
+    path = tmp_path / "old.ovsschema"
+    path.write_text(json.dumps(schema))
+    server = ovsdb_factory(schema=str(path))
+    cfg = reader_factory(server.remote)
+    transact(server, {
+        "op": "insert", "table": "Interface", "uuid-name": "i",
+        "row": {"name": "p5", "ofport": 5}}, {
+        "op": "insert", "table": "Port", "uuid-name": "p",
+        "row": {"name": "p5", "interfaces": ["named-uuid", "i"]}}, {
+        "op": "insert", "table": "Bridge", "uuid-name": "b",
+        "row": {"name": "br9", "ports": ["named-uuid", "p"]}}, {
+        "op": "mutate", "table": "Open_vSwitch", "where": [],
+        "mutations": [["bridges", "insert", ["set", [["named-uuid",
+                                                      "b"]]]]]})
+    pump(cfg, lambda: cfg.changed() and cfg.ports().get("br9"),
+         what="ports")
+    assert cfg.ports() == {"br9": {5: Interface(5, "p5")}}
+
+
+@pytest.mark.parametrize("value", ["-5", "abc", "1.5", "4201", "9" * 30,
+                                   ""])
+def test_bad_idle_timeout_warns_once_and_means_off(ovsdb, reader_factory,
+                                                   value):
+    """A negative, non-numeric, fractional or absurdly large
+    cache-idle-timeout: logged once with the row and the key, 0 (off)
+    used, the exporter kept; tcp-end-of-flow likewise (default false).
+    """
+    cfg = reader_factory(ovsdb.remote)
+    create_ipfix(ovsdb, ipfix_args=[
+        'targets="127.0.0.1:4739"', "cache_active_timeout=60",
+        f'other_config:cache-idle-timeout="{value}"',
+        "other_config:tcp-end-of-flow=sometimes"])
+    cache = sync(cfg)[("bridge", "br0")].export.cache
+    assert (cache.idle_timeout, cache.tcp_end_of_flow) == (0, False)
+    assert cache.active_timeout == 60
+    warnings = list(cfg.recent_warnings)
+    assert cfg.stats["config_warnings"] == 2, warnings
+    assert any("bridge br0" in w and "cache-idle-timeout=" in w
+               and "using 0 (off)" in w for w in warnings)
+    assert any("bridge br0" in w and "tcp-end-of-flow='sometimes'" in w
+               for w in warnings)
+    ovsdb.vsctl("set", "IPFIX", ".", "sampling=2")
+    assert sync(cfg)[("bridge", "br0")].sampling == 2
+    assert cfg.stats["config_warnings"] == 2
+    # Fixed: the value applies, nothing more is logged.
+    ovsdb.vsctl("set", "IPFIX", ".", "other_config:cache-idle-timeout=30",
+                "other_config:tcp-end-of-flow=true")
+    cache = sync(cfg)[("bridge", "br0")].export.cache
+    assert (cache.idle_timeout, cache.tcp_end_of_flow) == (30, True)
+    assert cfg.stats["config_warnings"] == 2

@@ -20,6 +20,7 @@ import traffic as tr
 from support.collector import UdpCollector
 from support.decoders import ipfixdump_check, parse_collector, tshark_decode
 
+from ovs_ipfix_py import interfaces
 from ovs_ipfix_py.exporter import Exporter
 from ovs_ipfix_py.options import (
     BridgeExporterOptions,
@@ -61,6 +62,8 @@ def run_mix(tmp_path, family=socket.AF_INET, max_size=1400, cache=CACHED,
                                  max_message_size=max_size),
             sampling=1, obs_domain_id=77, obs_point_id=5)
         exp = Exporter(opts, T0)
+        # Port 1 as OVSDB would describe it: ifindex 1, a name.
+        exp.set_ports({1: interfaces.Interface(1, "eth1", ifindex=1)})
         try:
             for i, f in enumerate(frames):
                 now = T0 + 1 + i * 0.001
@@ -126,6 +129,7 @@ def check_flows(decoded, truth, times, end_reason, aggregate=False):
         assert rec.get("dot1q_priority") == want.vlan_pcp, fid
         assert rec.get("dot1q_vlan") == fid.vlan, fid
         assert rec["obs_point_id"] == 5 and rec["ingress_if"] == 1
+        assert rec["if_name"] == "eth1"
         if is_ip:
             assert rec["octets"] == want.ip_octets, fid
             assert rec["sumsq"] == want.sumsq, fid

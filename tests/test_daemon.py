@@ -331,13 +331,24 @@ SHOW_ERRS = re.compile(
     r"^\s+pkts errs=(?P<errs>\d+), ipv4 errs=(?P<ipv4_errs>\d+), "
     r"ipv6 errs=(?P<ipv6_errs>\d+), tx errs=(?P<tx_errs>\d+)$")
 SHOW_CACHE = re.compile(r"^\s+cache: (?P<cache>\d+) flows\b")
+SHOW_RULES = re.compile(
+    r"^\s+cache: \d+ flows, active timeout (?P<active_timeout>\d+)s, "
+    r"idle timeout (?:(?P<idle_timeout>\d+)s|off), "
+    r"max flows (?P<max_flows>\d+), tcp end of flow (?P<tcp_end>on|off)$")
+SHOW_ENDED = re.compile(
+    r"^\s+ended: idle timeout=(?P<ended_idle>\d+), "
+    r"active timeout=(?P<ended_active>\d+), "
+    r"end of flow=(?P<ended_eof>\d+), forced end=(?P<ended_forced>\d+), "
+    r"lack of resources=(?P<ended_lack>\d+)$")
 SHOW_CHANNEL = re.compile(r"^channel: (.*)$")
 
 
 class Show:
     """``ipfix/show`` parsed.  ``exporters``: (bridge, collector set id
     or None) -> counters (flows, current_flows, pkts, ipv4_ok, ipv6_ok,
-    tx_pkts, errs, ipv4_errs, ipv6_errs, tx_errs, cache); ``channel``:
+    tx_pkts, errs, ipv4_errs, ipv6_errs, tx_errs, cache, active_timeout,
+    idle_timeout (0: off), max_flows, tcp_end (0/1), ended_idle,
+    ended_active, ended_eof, ended_forced, ended_lack); ``channel``:
     its counters, keys with underscores ("malformed_datagrams");
     ``loop``: the loop line's figures (ms, counts), keys with
     underscores ("max_read_gap"); ``metrics``: the metrics URL or None;
@@ -377,8 +388,21 @@ def parse_show(text):
                 c = SHOW_CACHE.match(lines[i])
                 if c:
                     counters["cache"] = int(c["cache"])
+                    r = SHOW_RULES.match(lines[i])
+                    assert r, f"cache line not understood:\n{text}"
+                    counters.update(
+                        active_timeout=int(r["active_timeout"]),
+                        idle_timeout=int(r["idle_timeout"] or 0),
+                        max_flows=int(r["max_flows"]),
+                        tcp_end=int(r["tcp_end"] == "on"))
+                e = SHOW_ENDED.match(lines[i])
+                if e:
+                    counters.update({k: int(v)
+                                     for k, v in e.groupdict().items()})
                 i += 1
             assert "cache" in counters, f"no cache size for {key}:\n{text}"
+            assert "ended_forced" in counters, \
+                f"no end reasons for {key}:\n{text}"
             show.exporters[key] = counters
             show.order.append(key)
             continue

@@ -176,7 +176,7 @@ def test_metrics_match_ipfix_show_while_traffic_flows(env):
     assert show.channel["no_exporter"] == feeder.rounds
     assert value(metrics, "ovs_ipfix_exporter_records_total", **BR0) > 0
     # Per collector: one target, so its messages are the exporter's.
-    target = {"target": collector.target}
+    target = {"target": collector.target, "transport": "udp"}
     for labels in (BR0, SET7):
         assert value(metrics, "ovs_ipfix_collector_tx_messages_total",
                      **labels, **target) == value(

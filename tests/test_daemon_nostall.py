@@ -77,10 +77,11 @@ class Receiver(threading.Thread):
 
 def records(datagrams):
     """(src address, src port, dst port, packets, reason) per data
-    record, from templates of fixed-length fields (enough here)."""
+    record.  Variable-length fields (interface names) are walked over;
+    the fixed ones are read at offsets precomputed per template."""
+    want = (IE_SRC4, IE_SPORT, IE_DPORT, IE_PACKETS, IE_REASON)
     templates = {}
     out = []
-    want = (IE_SRC4, IE_SPORT, IE_DPORT, IE_PACKETS, IE_REASON)
     for d in datagrams:
         off = 16
         while off + 4 <= len(d):
@@ -91,23 +92,38 @@ def records(datagrams):
                 while p + 4 <= end:
                     tid, count = struct.unpack_from("!HH", d, p)
                     p += 4
-                    fields, pos = {}, 0
+                    gaps, at, pos = [], {}, 0
                     for _ in range(count):
                         ie, length = struct.unpack_from("!HH", d, p)
                         p += 4
                         if ie & 0x8000:
                             p += 4
-                        fields.setdefault(ie & 0x7FFF, (pos, length))
-                        pos += length
-                    templates[tid] = (pos, [fields.get(i) for i in want])
+                        ie &= 0x7FFF
+                        if length == 0xFFFF:
+                            gaps.append(pos)
+                            pos = 0
+                        else:
+                            at.setdefault(ie, (len(gaps), pos, length))
+                            pos += length
+                    templates[tid] = (gaps, pos, [at.get(i) for i in want])
             elif sid >= 256 and sid in templates:
-                size, spec = templates[sid]
-                while p + size <= end:
+                gaps, tail, spec = templates[sid]
+                while p < end:
+                    bases = [p]
+                    for gap in gaps:
+                        p += gap
+                        n = d[p]
+                        if n == 255:
+                            n = int.from_bytes(d[p + 1:p + 3], "big") + 2
+                        p += 1 + n
+                        bases.append(p)
+                    if p + tail > end:
+                        break       # padding
                     out.append(tuple(
-                        int.from_bytes(d[p + a:p + a + n], "big")
-                        if a is not None else None
-                        for a, n in (s if s else (None, 0) for s in spec)))
-                    p += size
+                        int.from_bytes(d[bases[v] + a:bases[v] + a + n],
+                                       "big") if s else None
+                        for s in spec for v, a, n in (s or (0, 0, 0),)))
+                    p += tail
             off = end if slen else len(d)
     return out
 

@@ -20,7 +20,7 @@ from support.decoders import Session, judge_collector, parse_collector
 from support.inputs import bridge_options, frames
 
 from ovs_ipfix_py import collector as col
-from ovs_ipfix_py import elements, packet
+from ovs_ipfix_py import elements, interfaces, packet
 from ovs_ipfix_py import templates as t
 from ovs_ipfix_py.exporter import KEY_PREFIX, Exporter
 from ovs_ipfix_py.flowcache import FORCED_END
@@ -28,7 +28,7 @@ from ovs_ipfix_py.options import (
     UINT32_MAX,
     CacheOptions,
 )
-from ovs_ipfix_py.upcall import BridgeSample
+from ovs_ipfix_py.upcall import BridgeSample, Tunnel
 
 
 def cached(exp, now=1e6):
@@ -36,11 +36,29 @@ def cached(exp, now=1e6):
     return exp.cache.take_expired()
 
 
+#: The bridge's ports (OVSDB): names of different lengths, so records of
+#: one template differ in length; port 2 is a VXLAN tunnel port, 3 a GRE
+#: one; 0xFFFFFFFF and 0 are unknown to OVSDB.
+PORTS = {
+    1: interfaces.Interface(1, "p1", ifindex=11),
+    2: interfaces.Interface(2, "vxlan-to-host-b", ifindex=12,
+                            if_type=6, description="VXLAN tunnel",
+                            type="vxlan"),
+    3: interfaces.Interface(3, "gre0", type="gre"),
+}
+TUNNELS = st.one_of(st.none(), st.builds(
+    Tunnel, st.sampled_from([b"\x0a\0\0\1", bytes(16)]),
+    st.sampled_from([b"\x0a\0\0\2", bytes(16)]),
+    st.sampled_from([0, 49152]), st.sampled_from([4789, 6081, 0]),
+    st.sampled_from([0, 5001, 5002, (1 << 40) + 7]),
+    st.sampled_from([0, 1, 2, 7])).filter(
+        lambda x: len(x.src) == len(x.dst)))
 SAMPLES = st.lists(st.tuples(
     frames(),
     st.integers(0, 40),                             # extra original length
     st.sampled_from([1, 2, 0xFFFFFFFF]),            # input port
-    st.sampled_from([None, None, 3, 0])),           # output port
+    st.sampled_from([None, None, 3, 0]),            # output port
+    TUNNELS),
     min_size=1, max_size=40)
 
 
@@ -51,15 +69,18 @@ def run_both(samples, sampling, input_sampling, output_sampling, split):
                           input_sampling=input_sampling,
                           output_sampling=output_sampling)
     fast, slow = Exporter(opts, 0.0), Exporter(opts, 0.0)
+    fast.set_ports(PORTS)
+    slow.set_ports(PORTS)
     batch = [BridgeSample("br0", in_port, out_port,
-                          UINT32_MAX // sampling, f, len(f) + extra)
-             for f, extra, in_port, out_port in samples]
+                          UINT32_MAX // sampling, f, len(f) + extra,
+                          rest[0] if rest else None)
+             for f, extra, in_port, out_port, *rest in samples]
     try:
         fast.sample_bridge_batch(batch[:split], 1.0)
         fast.sample_bridge_batch(batch[split:], 1.0)
         for s in batch:
             slow.sample_bridge(s.frame, s.orig_len, s.input_port,
-                               s.output_port, 1.0)
+                               s.output_port, 1.0, tunnel=s.tunnel)
         assert fast.stats.as_dict() == slow.stats.as_dict()
         assert cached(fast) == cached(slow)
     finally:
@@ -70,7 +91,7 @@ def run_both(samples, sampling, input_sampling, output_sampling, split):
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(frames(damaged=False), st.integers(0, 40),
                           st.sampled_from([1, 2, 0xFFFFFFFF]),
-                          st.sampled_from([None, None, 3, 0])),
+                          st.sampled_from([None, None, 3, 0]), TUNNELS),
                 min_size=1, max_size=40),
        st.sampled_from([1, 400]), st.booleans(), st.booleans(),
        st.integers(0, 40))
@@ -123,10 +144,13 @@ def shared_collector():
 
 
 def decode_record(record):
-    """{element name: int or bytes} of a decoded data record."""
+    """{element name: int or bytes} of a decoded data record (the second
+    interfaceName/Description, an egress port's, as egressInterface...)."""
     out = {}
     for spec, raw in record.fields:
         name = elements.by_id(spec.ie, spec.pen).name
+        if name in out:
+            name = "egress" + name[0].upper() + name[1:]
         out[name] = int.from_bytes(raw, "big") if elements.by_id(
             spec.ie, spec.pen).data_type.startswith("unsigned") else raw
     return out
@@ -135,9 +159,15 @@ def decode_record(record):
 def expected_flows(samples, count, domain, point):
     """Aggregate the samples by hand: {(template id, key): values}."""
     flows = {}
-    for f, extra, in_port, out_port in samples:
+    for f, extra, in_port, out_port, tunnel in samples:
         direction = t.INGRESS if out_port is None else t.EGRESS
-        fk = packet.parse(f, point, direction, in_port, out_port or 0)
+        fk = packet.parse(
+            f, point, direction,
+            interfaces.iface_part(PORTS, in_port, out_port,
+                                  direction == t.EGRESS),
+            interfaces.tunnel_part(
+                PORTS.get(in_port if out_port is None else out_port),
+                tunnel))
         if fk.udp_dst_port in (3784, 3785):
             continue
         frame_len = len(f) + extra
@@ -171,9 +201,11 @@ def test_records_decode_back_to_the_flows(shared_collector, samples,
     opts = bridge_options([c.target], sampling=sampling, domain=domain,
                           point=point, max_message_size=max_size)
     exp = Exporter(opts, 100.0)
+    exp.set_ports(PORTS)
     try:
-        for f, extra, in_port, out_port in samples:
-            exp.sample_bridge(f, len(f) + extra, in_port, out_port, 100.0)
+        for f, extra, in_port, out_port, tunnel in samples:
+            exp.sample_bridge(f, len(f) + extra, in_port, out_port, 100.0,
+                              tunnel=tunnel)
         exp.flush(100.0)
         sent = exp.stats.tx_pkts
         assert c.wait_for(lambda d: len(d) >= sent, 5.0)
@@ -188,13 +220,17 @@ def test_records_decode_back_to_the_flows(shared_collector, samples,
         assert m.domain == domain
         for r in m.data_records:
             tmpl = t.get(r.template_id)
-            key = b"".join(raw for _, raw in r.fields[:len(
-                tmpl.key_fields)])
+            # Variable-length fields take their length prefix back.
+            key = b"".join(bytes((len(raw),)) + raw
+                           if spec.length == t.VARIABLE else raw
+                           for spec, raw in r.fields[:len(
+                               tmpl.key_fields)])
             values = decode_record(r)
-            assert [n for n, _ in tmpl.fields] == list(values)
-            # Sampled and exported at 100.0 s: no time between.
-            assert values.pop("flowStartDeltaMicroseconds") == 0
-            assert values.pop("flowEndDeltaMicroseconds") == 0
+            assert len(tmpl.fields) == len(values)
+            # Sampled at 100.0 s: 100,000 ms since 1970 (unsigned64).
+            ms = (100_000).to_bytes(8, "big")
+            assert values.pop("flowStartMilliseconds") == ms
+            assert values.pop("flowEndMilliseconds") == ms
             got[r.template_id, key] = {n: values[n]
                                        for n, _ in tmpl.agg_fields
                                        if n in values}
@@ -478,3 +514,40 @@ def test_virtual_obs_id_follows_the_key(tmp_path):
             assert [r["packets"] for r in judged.tshark.records] == [1]
         finally:
             exp.close(20.0)
+
+
+# -- end reasons, idle timeout and TCP end of flow --------------------------
+
+def test_end_reasons_counted_and_shown():
+    """Flows leave by idle timeout, end of flow, active timeout and
+    forced end; ExporterStats counts each and show() prints them with
+    the cache's options.  A change of rules flushes (forced end)."""
+    opts = bridge_options(cache=CacheOptions(5, 1000, 1, True))
+    exp = Exporter(opts, 0.0)
+    udp = tr.ethernet(tr.ipv4(tr.udp(1, 2), proto=tr.IPPROTO_UDP))
+    fin = tr.ethernet(tr.ipv4(tr.tcp(3, 4, flags=0x11),
+                              proto=tr.IPPROTO_TCP))
+    busy = tr.ethernet(tr.ipv4(tr.udp(5, 6), proto=tr.IPPROTO_UDP))
+    try:
+        text = exp.show()
+        assert ("active timeout 5s, idle timeout 1s, max flows 1000, "
+                "tcp end of flow on") in text
+        exp.sample_bridge_batch([BridgeSample("br0", 1, None, 1, f, 60)
+                                 for f in (udp, fin, busy)], 10.0)
+        for i in range(1, 12):
+            now = 10.0 + i * 0.5
+            exp.sample_bridge_batch([BridgeSample("br0", 1, None, 1, busy,
+                                                  60)], now)
+            exp.run(now)
+        st_ = exp.stats
+        assert (st_.ended_idle, st_.ended_eof, st_.ended_active) == (1, 1, 1)
+        assert "ended: idle timeout=1, active timeout=1, end of flow=1, " \
+            "forced end=0, lack of resources=0" in exp.show()
+        exp.reconfigure(bridge_options(cache=CacheOptions(5, 1000)), 16.0)
+        assert (st_.ended_forced, len(exp.cache)) == (1, 0)
+        assert (exp.cache.idle_timeout, exp.cache.tcp_end_of_flow) == (
+            0, False)
+        assert "idle timeout off, max flows 1000, tcp end of flow off" \
+            in exp.show()
+    finally:
+        exp.close(20.0)

@@ -1,7 +1,8 @@
 """The flow cache: aggregation, scaling, each end reason, deadlines.
 
 Expectations are worked out by hand from the issue and RFC 7012
-(flowEndReason: 2 active timeout, 4 forced end, 5 lack of resources);
+(flowEndReason: 1 idle timeout, 2 active timeout, 3 end of flow
+detected, 4 forced end, 5 lack of resources);
 scaling as OVS scales: a bridge sample counts UINT32_MAX // P packets
 (P = UINT32_MAX // sampling), a flow sample 65535 // P.
 """
@@ -16,8 +17,12 @@ from ovs_ipfix_py import flowcache
 from ovs_ipfix_py.exporter import Exporter
 from ovs_ipfix_py.flowcache import (
     ACTIVE_TIMEOUT,
+    END_OF_FLOW_DETECTED,
     FORCED_END,
+    IDLE_STEP,
+    IDLE_TIMEOUT,
     LACK_OF_RESOURCES,
+    TCP_END_LINGER,
     U64_MAX,
     FlowCache,
 )
@@ -336,6 +341,134 @@ def test_expiry_reads_only_what_expires():
     assert counter.reads == 1
 
 
+# -- idle timeout -----------------------------------------------------------
+
+def test_idle_flow_leaves_on_time_busy_flow_stays():
+    cache = FlowCache(active_timeout=600, max_flows=100, idle_timeout=5)
+    add(cache, b"quiet", 10.0)
+    add(cache, b"busy", 10.0)
+    for i in range(1, 20):
+        add(cache, b"busy", 10.0 + i)
+    # The quiet flow's deadline is 15.0: its bucket is due by 15.1.
+    assert cache.next_deadline() <= 15.0 + IDLE_STEP + 1e-9
+    assert cache.expire(14.99) == 0
+    cache.expire(15.0 + IDLE_STEP + 1e-9)
+    [f] = cache.take_expired()
+    assert (f.key, f.reason, f.start, f.end) == (b"quiet", IDLE_TIMEOUT,
+                                                 10.0, 10.0)
+    for now in (20.0, 25.0, 28.9):
+        cache.expire(now)
+    assert cache.take_expired() == [] and len(cache) == 1
+    # The busy flow's last sample was at 29.0.
+    cache.expire(34.0 + IDLE_STEP + 1e-9)
+    [f] = cache.take_expired()
+    assert (f.key, f.reason, f.end) == (b"busy", IDLE_TIMEOUT, 29.0)
+    assert cache.next_deadline() is None
+
+
+def test_idle_then_a_new_flow_with_the_same_key():
+    """After an idle exit the key starts afresh; the old entries in the
+    start FIFO and the wheel do not touch the new flow."""
+    cache = FlowCache(active_timeout=10, max_flows=100, idle_timeout=2)
+    add(cache, b"a", 0.0)
+    add(cache, b"b", 0.5)
+    cache.expire(2.2)
+    assert [f.key for f in cache.take_expired()] == [b"a"]
+    add(cache, b"a", 3.0)
+    for now in (3.5, 4.0, 4.5):
+        add(cache, b"a", now)
+    cache.expire(4.9)       # b idle since 0.5
+    assert [f.key for f in cache.take_expired()] == [b"b"]
+    for now in (5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 12.9):
+        add(cache, b"a", now)
+        cache.expire(now)
+    assert cache.take_expired() == []
+    cache.expire(13.0)      # a started at 3.0: active timeout at 13.0
+    [f] = cache.take_expired()
+    assert (f.key, f.reason, f.start, f.packets) == (b"a", ACTIVE_TIMEOUT,
+                                                     3.0, 12)
+    assert len(cache) == 0 and cache.next_deadline() is not None
+    cache.expire(20.0)      # stale wheel entries only: nothing leaves
+    assert cache.take_expired() == [] and cache.next_deadline() is None
+
+
+def test_idle_expiry_reads_only_what_expires():
+    """1M idle-watched flows, 10 of them idle: expiry looks at a
+    handful of entries, not at the million."""
+    cache = FlowCache(active_timeout=3600, max_flows=10 ** 7,
+                      idle_timeout=60)
+    for i in range(10):
+        add(cache, b"old%d" % i, 0.0)
+    for i in range(200_000):
+        add(cache, i.to_bytes(4, "big"), 30.0)
+    counter = cache.times = CountingArray(cache.times)
+    assert cache.expire(59.0) == 0
+    assert counter.reads <= 1
+    counter.reads = 0
+    assert cache.expire(60.0 + IDLE_STEP) == 10
+    assert counter.reads <= 3 * 10 + 1
+    assert len(cache) == 200_000
+
+
+def test_start_fifo_compacts_stale_entries():
+    """Flows leaving by idle timeout leave entries in the start FIFO;
+    it never holds more than twice the cached flows plus 1024."""
+    cache = FlowCache(active_timeout=4200, max_flows=10 ** 6,
+                      idle_timeout=1)
+    now = 0.0
+    for i in range(20_000):
+        now += 0.01
+        add(cache, i.to_bytes(4, "big"), now)
+        add(cache, b"steady", now)
+        cache.expire(now)
+        assert len(cache.order) <= 2 * len(cache) + 1024
+    assert sum(1 for _ in cache.take_expired()) > 19_000
+    assert b"steady" in cache.index
+
+
+# -- TCP end of flow --------------------------------------------------------
+
+FIN, RST, ACK = 0x01, 0x04, 0x10
+
+
+def test_fin_flow_leaves_after_the_linger():
+    cache = FlowCache(active_timeout=600, max_flows=100,
+                      tcp_end_of_flow=True)
+    add(cache, b"closed", 1.0, flags=ACK)
+    add(cache, b"closed", 2.0, flags=FIN | ACK)
+    add(cache, b"reset", 2.0, flags=RST)
+    add(cache, b"open", 2.0, flags=ACK)
+    # The last ACK within the linger still counts.
+    add(cache, b"closed", 2.5, flags=ACK)
+    assert cache.next_deadline() == 2.0 + TCP_END_LINGER
+    assert cache.expire(2.0 + TCP_END_LINGER - 0.01) == 0
+    assert cache.expire(2.0 + TCP_END_LINGER) == 2
+    got = {f.key: f for f in cache.take_expired()}
+    assert {k: f.reason for k, f in got.items()} == {
+        b"closed": END_OF_FLOW_DETECTED, b"reset": END_OF_FLOW_DETECTED}
+    assert got[b"closed"].packets == 3
+    assert got[b"closed"].tcp_flags == FIN | ACK
+    assert list(cache.index) == [b"open"]
+    # After it left, a sample starts a new flow.
+    assert add(cache, b"closed", 4.0, flags=ACK) is True
+
+
+def test_fin_ignored_when_off():
+    cache = FlowCache(active_timeout=600, max_flows=100)
+    add(cache, b"a", 1.0, flags=FIN)
+    assert cache.expire(100.0) == 0 and len(cache) == 1
+
+
+def test_rules_change_only_when_empty():
+    cache = FlowCache(active_timeout=600, max_flows=100)
+    add(cache, b"a", 1.0)
+    with pytest.raises(ValueError):
+        cache.set_rules(5, True)
+    cache.flush(2.0)
+    cache.set_rules(5, True)
+    assert (cache.idle_timeout, cache.tcp_end_of_flow) == (5, True)
+
+
 # -- a property: nothing is lost, reasons are honest ------------------------
 
 ops = st.lists(st.tuples(
@@ -347,20 +480,30 @@ ops = st.lists(st.tuples(
     max_size=80)
 
 
-@settings(max_examples=200, deadline=None)
-@given(ops, st.integers(0, 5), st.integers(0, 6))
-def test_conservation_and_reasons(steps, timeout, max_flows):
-    cache = FlowCache(timeout, max_flows)
+@settings(max_examples=300, deadline=None)
+@given(ops, st.integers(0, 5), st.integers(0, 6), st.integers(0, 3),
+       st.booleans(), st.lists(st.sampled_from([0, 0x10, 0x01, 0x04]),
+                               min_size=8, max_size=8))
+def test_conservation_and_reasons(steps, timeout, max_flows, idle, tcp_end,
+                                  flags):
+    """Nothing lost, nothing counted twice, every reason honest: idle
+    never early and never more than IDLE_STEP late, end of flow only
+    after a FIN/RST and its linger."""
+    cache = FlowCache(timeout, max_flows, idle_timeout=idle,
+                      tcp_end_of_flow=tcp_end)
     sent = collections.Counter()
     got = collections.Counter()
+    ended = {}      # key -> time of its flow's first FIN/RST
     now = 0.0
     for op, k, dt, count, frame_len in steps:
         now += dt
         if op == "add":
             key = b"%d" % k
-            cache.add(key, now, count, frame_len, frame_len - 14, 0)
+            cache.add(key, now, count, frame_len, frame_len - 14, flags[k])
             sent[key, "p"] += count
             sent[key, "o"] += count * (frame_len - 14)
+            if flags[k] & 0x05:
+                ended.setdefault(key, now)
         else:
             cache.expire(now)
         for f in cache.take_expired():
@@ -369,9 +512,20 @@ def test_conservation_and_reasons(steps, timeout, max_flows):
             assert f.start <= f.end <= now
             if f.reason == ACTIVE_TIMEOUT:
                 assert f.start + timeout <= now
+            elif f.reason == IDLE_TIMEOUT:
+                assert idle and f.end + idle <= now
+            elif f.reason == END_OF_FLOW_DETECTED:
+                assert tcp_end and f.tcp_flags & 0x05
+                assert ended[f.key] + TCP_END_LINGER <= now
             else:
                 assert f.reason == LACK_OF_RESOURCES
+            ended.pop(f.key, None)
         assert len(cache) <= max_flows
+        if op == "expire" and idle:
+            # On time: nothing cached has been idle over a bucket more.
+            for slot in cache.index.values():
+                assert cache.times[2 * slot + 1] + idle > \
+                    now - IDLE_STEP - 1e-9
     cache.flush(now)
     for f in cache.take_expired():
         assert f.reason == FORCED_END

@@ -20,6 +20,7 @@ import pytest
 from support.collector import UdpCollector
 
 from ovs_ipfix_py.exporter import Exporter
+from ovs_ipfix_py.interfaces import Interface
 from ovs_ipfix_py.options import (
     BridgeExporterOptions,
     CacheOptions,
@@ -53,7 +54,7 @@ VLAN_ARP = frame("ffffffffffff 020000000001 8100 c064 0806"
                  "000000000000 0a000002" + "00" * 18)
 
 TEMPLATE_268 = (
-    "010c 001b"                                   # id 268, 27 fields
+    "010c 001e"                                   # id 268, 30 fields
     "008a 0004"   # observationPointId (138), reduced to 4
     "003d 0001"   # flowDirection (61)
     "0038 0006"   # sourceMacAddress (56)
@@ -61,6 +62,9 @@ TEMPLATE_268 = (
     "0100 0002"   # ethernetType (256)
     "00f0 0001"   # ethernetHeaderLength (240)
     "000a 0004"   # ingressInterface (10)
+    "0170 0004"   # ingressInterfaceType (368)
+    "0052 ffff"   # interfaceName (82), variable length (RFC 7011 7)
+    "0053 ffff"   # interfaceDescription (83), variable length
     "003c 0001"   # ipVersion (60)
     "00c0 0001"   # ipTTL (192)
     "0004 0001"   # protocolIdentifier (4)
@@ -71,8 +75,8 @@ TEMPLATE_268 = (
     "000c 0004"   # destinationIPv4Address (12)
     "0007 0002"   # sourceTransportPort (7)
     "000b 0002"   # destinationTransportPort (11)
-    "009e 0004"   # flowStartDeltaMicroseconds (158)
-    "009f 0004"   # flowEndDeltaMicroseconds (159)
+    "0098 0008"   # flowStartMilliseconds (152)
+    "0099 0008"   # flowEndMilliseconds (153)
     "0002 0008"   # packetDeltaCount (2)
     "0160 0008"   # layer2OctetDeltaCount (352)
     "0088 0001"   # flowEndReason (136)
@@ -84,15 +88,18 @@ TEMPLATE_268 = (
 )
 
 # Three packets of 54, 154 and 1014 bytes (IP 40, 140, 1000) at T0,
-# T0+0.5, T0+0.75, flushed at T0+0.75 (export time T0+1).
+# T0+0.5, T0+0.75, flushed at T0+0.75 (export time T0+1).  Times in
+# ms since 1970: T0 = 1,700,000,000,000 ms = 0x18bcfe56800.
 RECORD_1 = (
     "00000007" "00"                        # observation point 7, ingress
     "020000000001" "020000000002"          # source, destination MAC
-    "0800" "0e" "00000003"                 # IPv4, 14, input port 3
+    "0800" "0e"                            # IPv4, header length 14
+    "00000003" "00000000"                  # input port: ifindex 3, type 0
+    "04" "65746833" "00"                   # name "eth3", no description
     "04" "40" "06" "2e" "05" "b8"          # v4, TTL 64, TCP, DSCP, prec, TOS
     "0a000001" "0a000002" "3039" "0050"    # addresses, ports
-    "000f4240"                             # start: 1,000,000 us before
-    "0003d090"                             # end: 250,000 us before
+    "0000018bcfe56800"                     # start: T0
+    "0000018bcfe56aee"                     # end: T0 + 750 ms
     "0000000000000003"                     # packets
     "00000000000004c6"                     # l2 octets 54 + 154 + 1014
     "04"                                   # forced end
@@ -103,23 +110,25 @@ RECORD_1 = (
 )
 
 MESSAGE_1 = (
-    "000a 00ed"            # version 10, length 237 = 16 + 116 + 105
+    "000a 010b"            # version 10, length 267 = 16 + 128 + 123
     "6553f101"             # export time T0 + 1 (now rounded up)
     "00000000"             # no data record before
     "0000002a"             # observation domain 42
-    "0002 0074" + TEMPLATE_268 +         # template set, 4 + 112
-    "010c 0069" + RECORD_1               # data set 268, 4 + 101
+    "0002 0080" + TEMPLATE_268 +         # template set, 4 + 124
+    "010c 007b" + RECORD_1               # data set 268, 4 + 119
 )
 
 # One SYN at T0+1, flushed at T0+2.
 MESSAGE_2 = (
-    "000a 0079" "6553f102"
+    "000a 008b" "6553f102"
     "00000001"             # one data record before, in domain 42
     "0000002a"
-    "010c 0069"            # the template is not sent again
+    "010c 007b"            # the template is not sent again
     "00000007" "00" "020000000001" "020000000002" "0800" "0e" "00000003"
+    "00000000" "04" "65746833" "00"
     "04" "40" "06" "2e" "05" "b8" "0a000001" "0a000002" "303a" "0050"
-    "000f4240" "000f4240" "0000000000000001" "0000000000000036" "04"
+    "0000018bcfe56be8" "0000018bcfe56be8"  # T0 + 1000 ms
+    "0000000000000001" "0000000000000036" "04"
     "0000000000000028" "0000000000000640"
     "0000000000000028" "0000000000000028" "0002"
 )
@@ -136,11 +145,15 @@ def collector():
 
 
 def make_exporter(collector, domain, now):
+    """Bridge br0 whose OpenFlow port 3 is "eth3", ifindex 3 (OVSDB's
+    Interface row); port 5 is unknown."""
     opts = BridgeExporterOptions(
         "br0", ExportOptions(targets=(collector.target,),
                              cache=CacheOptions(600, 100)),
         sampling=1, obs_domain_id=domain, obs_point_id=7)
-    return Exporter(opts, now)
+    exp = Exporter(opts, now)
+    exp.set_ports({3: Interface(3, "eth3", ifindex=3)})
+    return exp
 
 
 def receive(collector, n):
@@ -192,17 +205,20 @@ def test_vlan_non_ip_record(collector):
         exp.flush(T0 + 0.5)
         [msg] = receive(collector, 1)
         expected = (
-            "000a 008e" "6553f101" "00000000" "0000002b"
-            "0002 0044"
-            "011e 000f"                        # template 286, 15 fields
+            "000a 00a8" "6553f101" "00000000" "0000002b"
+            "0002 0050"
+            "011e 0012"                        # template 286, 18 fields
             "008a0004 003d0001 00380006 00500006 01000002 00f00001"
-            "000a0004"
+            "000a0004 01700004 0052ffff 0053ffff"  # interface elements
             "003a0002 00f30002 00f40001"       # vlanId, dot1qVlanId, prio
-            "009e0004 009f0004 00020008 01600008 00880001"
-            "011e 003a"                        # data set, 4 + 54
+            "00980008 00990008 00020008 01600008 00880001"
+            "011e 0048"                        # data set, 4 + 68
             "00000007" "00" "020000000001" "ffffffffffff" "0806" "12"
-            "00000005" "0064" "0064" "06"
-            "0007a120" "0007a120"              # 500,000 us
+            # Port 5 is unknown: ifindex 0, type 0, two empty strings
+            # (OVS's ipfix_put_iface_data_record()).
+            "00000000" "00000000" "00" "00"
+            "0064" "0064" "06"
+            "0000018bcfe569f4" "0000018bcfe569f4"  # T0 + 500 ms
             "0000000000000001" "0000000000000040" "04")
         assert msg.hex() == hx(expected).hex()
     finally:

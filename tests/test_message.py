@@ -327,24 +327,25 @@ def test_options_template_before_options_data(collector):
         exp.close(2000.0)
 
 
-def test_delta_timestamps_never_negative_never_wrapped(collector):
+def test_timestamps_are_first_and_last_seen_in_ms(collector):
+    """flowStart/EndMilliseconds: the flow's own times (ms since 1970,
+    truncated), however far from the export time: a flow 2 hours old,
+    one sampled after the export time (clock stepped back), and one
+    whose times fall between two ms."""
     exp = bridge_exporter([collector.target])
     frames = [tr.build_frame(sport=1000 + i) for i in range(3)]
     try:
-        # Started 2 hours before export: more than 2^32 us; clamped.
         exp.sample_bridge(frames[0], 60, 1, None, 10.0)
         exp.sample_bridge(frames[0], 60, 1, None, 7000.0)
-        # Clock stepped back: the sample is later than the export time.
         exp.sample_bridge(frames[1], 60, 1, None, 7300.0)
-        # Ordinary.
-        exp.sample_bridge(frames[2], 60, 1, None, 7199.25)
+        exp.sample_bridge(frames[2], 60, 1, None, 7199.2505)
         exp.flush(7200.0)
         session = wait_all(collector, exp)
-        got = {r.uint(7): (r.uint(158), r.uint(159))
+        got = {r.uint(7): (r.uint(152), r.uint(153))
                for m in session.messages for r in m.data_records}
-        assert got == {1000: (0xFFFFFFFF, 200 * 10 ** 6),
-                       1001: (0, 0),
-                       1002: (750000, 750000)}
+        assert got == {1000: (10_000, 7_000_000),
+                       1001: (7_300_000, 7_300_000),
+                       1002: (7_199_250, 7_199_250)}
         assert session.messages[0].export_time == 7200
     finally:
         exp.close(7201.0)

@@ -13,14 +13,16 @@ both export every cached flow, and both streams are decoded with tshark
 and with our own parser and compared flow by flow: the key fields,
 packetDeltaCount, layer2OctetDeltaCount, octetDeltaCount,
 octetDeltaSumOfSquares, minimum/maximumIpTotalLength, observation point
-and domain, flowDirection and flowEndReason must be identical.
+and domain, flowDirection, flowEndReason and the interface elements
+(ifindex from p1's options:ifindex, type, name, description; both read
+them from the Interface rows) must be identical.
 
 The same holds for BFD frames (skipped by bridge sampling only), for a
 full cache (the same evictions, as lack of resources) and for the
 active timeout (reason 2).  The differences by design (README.md, "How
 it differs from OVS's built-in exporter") are asserted too, so that the
-table stays true: QinQ frames, IPv6 later fragments, interface ids and
-names, timestamp resolution, sequence numbers, one record per message,
+table stays true: QinQ frames, IPv6 later fragments, timestamp
+resolution, sequence numbers, one record per message,
 exporter-wide ``*TotalCount`` fields, TCP flags, OVS 3.1's inverted
 enable-input/output-sampling switches, its cache kept on an option
 change and its data sent to a new collector before any template.
@@ -114,8 +116,9 @@ class ExporterDaemon:
     safe to call twice.
     """
 
-    def __init__(self, server, name="exporter"):
+    def __init__(self, server, name="exporter", args=()):
         self.server = server
+        self.args = list(args)   # more command-line options
         work = server.workdir
         self.channel = os.path.join(work, name + ".sock")
         self.ctl = os.path.join(work, name + ".ctl")
@@ -131,7 +134,7 @@ class ExporterDaemon:
         self.proc = subprocess.Popen(
             ["ovs-ipfix-exporter", "--db=" + self.server.remote,
              "--channel=" + self.channel, "--unixctl=" + self.ctl,
-             "--log-file=" + self.log, "-vconsole:off"],
+             "--log-file=" + self.log, "-vconsole:off", *self.args],
             stdin=subprocess.DEVNULL, env=self.server.env,
             cwd=self.server.workdir)
 
@@ -231,17 +234,22 @@ class Switch:
     """A real ovs-vswitchd on ``server`` (started here) with bridge br0 on
     the dummy datapath, ``fail-mode=secure`` (no flow unless added, as in
     OVS's own testsuite), and dummy ports p1 (OpenFlow port 1) and p2
-    (port 2)."""
+    (port 2).  ``ifindex``: {name: options:ifindex}, what a dummy port
+    reports as its ifindex (OVS exports it as ingress/egressInterface;
+    p2, without, has none: 0)."""
 
-    def __init__(self, server, ports=("p1", "p2")):
+    def __init__(self, server, ports=("p1", "p2"), ifindex=None):
         self.server = server
         server.run_vswitchd()
+        ifindex = {"p1": 1001} if ifindex is None else ifindex
         args = ["add-br", "br0", "--", "set", "Bridge", "br0",
                 "datapath_type=dummy", "fail-mode=secure"]
         for number, name in enumerate(ports, 1):
             args += ["--", "add-port", "br0", name, "--", "set",
                      "Interface", name, "type=dummy",
                      f"ofport_request={number}"]
+            if name in ifindex:
+                args.append(f"options:ifindex={ifindex[name]}")
         server.vsctl(*args, wait=True)
 
     def ofctl(self, *args, check=True):
@@ -366,7 +374,12 @@ KEY_FIELDS = ("flow_direction", "src_mac", "dst_mac", "ethertype",
               "eth_header_len", "vlan", "dot1q_vlan", "dot1q_priority",
               "ip_version", "ttl", "proto", "dscp", "precedence", "tos",
               "src_ip", "dst_ip", "flow_label", "src_port", "dst_port",
-              "icmp_type", "icmp_code", "obs_point_id", "obs_domain_id")
+              "icmp_type", "icmp_code", "obs_point_id", "obs_domain_id",
+              # Interface identity, read by both from the Interface rows
+              # (ifindex, status:if_type/if_descr, name).
+              "ingress_if", "ingress_if_type", "if_name", "if_descr",
+              "egress_if", "egress_if_type", "egress_if_name",
+              "egress_if_descr")
 #: Fields that must carry the same values for the same flow.
 COUNT_FIELDS = ("packets", "l2_octets", "octets", "sumsq", "min_len",
                 "max_len", "end_reason")
@@ -374,8 +387,9 @@ COUNT_FIELDS = ("packets", "l2_octets", "octets", "sumsq", "min_len",
 #: octetTotalCount, packetTotalCount, droppedPacketTotalCount,
 #: postMCastPacketTotalCount, layer2OctetTotalCount...
 TOTAL_COUNT_IES = {85, 86, 133, 134, 135, 353, 354, 355, 356, 357, 358}
-#: The interface name/description elements OVS adds.
-INTERFACE_NAME_IES = {82, 83}
+#: The interface elements (OVS 3.1's layout): ingress/egressInterface,
+#: their types, interfaceName and interfaceDescription.
+INTERFACE_IES = {10, 14, 82, 83, 368, 369}
 TCP_CONTROL_BITS = 6
 
 
@@ -585,21 +599,31 @@ def assert_design_differences(outcome):
     assert {len(m.data_records) for m in ovs_data} == {1}
     our_data = [m for m in ours.session.messages if m.data_records]
     assert len(our_data) < len(ovs_data) / 5
-    # Exporter-wide *TotalCount fields and interface names: OVS only.
+    # Exporter-wide *TotalCount fields: OVS only.
     assert TOTAL_COUNT_IES & ovs.template_ies()
-    assert INTERFACE_NAME_IES <= ovs.template_ies()
-    assert not (TOTAL_COUNT_IES | INTERFACE_NAME_IES) & ours.template_ies()
+    assert not TOTAL_COUNT_IES & ours.template_ies()
+    # Interface elements: both (compared flow by flow in KEY_FIELDS).
+    assert INTERFACE_IES <= ovs.template_ies()
+    assert INTERFACE_IES <= ours.template_ies()
     # TCP flags: only our records carry them (tcpControlBits).
     assert TCP_CONTROL_BITS in ours.template_ies()
     assert TCP_CONTROL_BITS not in ovs.template_ies()
-    # Interface ids: OVS sends the ifindex (0: dummy ports have none),
-    # we send the OpenFlow port numbers the channel carries.
-    assert {r.get("ingress_if") for r in ovs.parser_records} == {0}
-    assert {r.get("ingress_if") for r in ours.parser_records} == {1}
-    assert {r.get("egress_if") for r in ours.parser_records} <= {None, 2}
-    # Timestamps: OVS's flow start/end deltas are whole milliseconds.
+    # Interface ids: both send the ifindex (p1's options:ifindex; p2
+    # has none: 0) and the names.
+    for stream in (ovs, ours):
+        recs = stream.parser_records
+        assert {(r.get("ingress_if"), r.get("if_name")) for r in recs} \
+            == {(1001, "p1")}
+        assert {(r.get("egress_if"), r.get("egress_if_name"))
+                for r in recs} <= {(None, None), (0, "p2")}
+    # Timestamps: OVS sends flow start/end deltas (whole milliseconds),
+    # we send absolute flowStart/EndMilliseconds, which nfdump reads.
     deltas = {r["start_delta_us"] % 1000 for r in ovs.parser_records}
     assert deltas == {0}
+    assert {158, 159} <= ovs.template_ies()
+    assert not {152, 153} & ovs.template_ies()
+    assert {152, 153} <= ours.template_ies()
+    assert not {158, 159} & ours.template_ies()
 
 
 # ---------------------------------------------------------------------------

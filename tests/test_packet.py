@@ -15,7 +15,7 @@ import pytest
 import traffic as tr
 from hypothesis import given, settings
 
-from ovs_ipfix_py import packet
+from ovs_ipfix_py import interfaces, packet, upcall
 from ovs_ipfix_py import templates as t
 
 INTEGER_FIELDS_AS_BYTES = {"sourceMacAddress", "destinationMacAddress",
@@ -23,22 +23,42 @@ INTEGER_FIELDS_AS_BYTES = {"sourceMacAddress", "destinationMacAddress",
                            "sourceIPv6Address", "destinationIPv6Address"}
 
 
+def iface(in_port, out_port=None, egress=False, **kw):
+    """The interface part of ports whose ifindex is their number."""
+    ports = {p: interfaces.Interface(p, ifindex=p, **kw)
+             for p in (in_port, out_port) if p is not None}
+    return interfaces.iface_part(ports, in_port, out_port, egress)
+
+
 def fields(fk):
     """The key of ``fk`` decoded through its template: {name: value}
-    (addresses as text, the rest as ints)."""
+    (addresses and strings as text, the rest as ints; interfaceName and
+    interfaceDescription of an egress key as egress...)."""
     tmpl = t.get(fk.template_id)
-    assert len(fk.key) == tmpl.key_length
     out = {}
     pos = 0
+    seen = set()
     for name, length in tmpl.key_fields:
+        if length == t.VARIABLE:
+            length = fk.key[pos]
+            pos += 1
         raw = fk.key[pos:pos + length]
         pos += length
-        if name.endswith("MacAddress"):
+        if name in seen:
+            name = "egress" + name[0].upper() + name[1:]
+        seen.add(name)
+        if name.endswith(("interfaceName", "InterfaceName",
+                          "nterfaceDescription")):
+            out[name] = raw.decode()
+        elif name == "tunnelKey":
+            out[name] = raw
+        elif name.endswith("MacAddress"):
             out[name] = ":".join("%02x" % b for b in raw)
         elif name in INTEGER_FIELDS_AS_BYTES:
             out[name] = str(ipaddress.ip_address(raw))
         else:
             out[name] = int.from_bytes(raw, "big")
+    assert pos == len(fk.key)
     return out
 
 
@@ -55,7 +75,7 @@ def test_ipv4_tcp_every_key_field():
                        | tr.TCP_NS), src="10.1.2.3", dst="10.9.8.7",
                 proto=6, ttl=63, tos=0xB9),
         src="02:aa:bb:cc:dd:01", dst="02:aa:bb:cc:dd:02")
-    fk = packet.parse(frame, obs_point_id=0x12345678, input_port=7)
+    fk = packet.parse(frame, obs_point_id=0x12345678, iface=iface(7))
     assert fk.template_id == 256 + ((0 * 3 + 1) * 5 + 1) * 2 == 268
     assert layout(fk) == (t.L2_ETH, t.L3_IPV4, t.L4_TCP, t.INGRESS)
     assert (fk.eth_header_len, fk.is_ip, fk.kind) == (14, True,
@@ -67,7 +87,8 @@ def test_ipv4_tcp_every_key_field():
         "sourceMacAddress": "02:aa:bb:cc:dd:01",
         "destinationMacAddress": "02:aa:bb:cc:dd:02",
         "ethernetType": 0x0800, "ethernetHeaderLength": 14,
-        "ingressInterface": 7,
+        "ingressInterface": 7, "ingressInterfaceType": 0,
+        "interfaceName": "", "interfaceDescription": "",
         "ipVersion": 4, "ipTTL": 63, "protocolIdentifier": 6,
         "ipDiffServCodePoint": 0xB9 >> 2, "ipPrecedence": 0xB9 >> 5,
         "ipClassOfService": 0xB9,
@@ -83,12 +104,14 @@ def test_key_bytes_spelled_out():
         "0a0b0c0d0e0f" "010203040506" "0800"
         "45b80028abcd4000" "3f06" "0000" "c0000201" "c6336402"
         "1f90d431" "00000000" "00000000" "5012" "ffff" "0000" "0000")
-    fk = packet.parse(frame, obs_point_id=9, input_port=0x01020304)
+    fk = packet.parse(frame, obs_point_id=9, iface=iface(
+        0x01020304, if_type=6, name="eth0", description="NIC"))
     assert fk.key == bytes.fromhex(
         "00000009" "00"                     # observation point, ingress
         "010203040506" "0a0b0c0d0e0f"       # source MAC, destination MAC
         "0800" "0e"                         # ethertype, header length
-        "01020304"                          # ingressInterface
+        "01020304" "00000006"               # ingressInterface, type
+        "04" "65746830" "03" "4e4943"       # interfaceName, Description
         "04" "3f" "06" "2e" "05" "b8"       # version TTL proto DSCP prec TOS
         "c0000201" "c6336402"               # addresses
         "1f90" "d431")                      # ports 8080 -> 54321
@@ -97,12 +120,13 @@ def test_key_bytes_spelled_out():
 
 def test_egress_carries_the_output_port():
     frame = tr.ethernet(tr.ipv4(tr.udp(53, 5353)))
-    fk = packet.parse(frame, 1, t.EGRESS, input_port=3, output_port=4)
+    fk = packet.parse(frame, 1, t.EGRESS, iface(3, 4, True, name="p"))
     assert fk.template_id == 271
     assert layout(fk)[3] == t.EGRESS
     f = fields(fk)
     assert (f["flowDirection"], f["ingressInterface"],
             f["egressInterface"]) == (1, 3, 4)
+    assert f["interfaceName"] == f["egressInterfaceName"] == "p"
     assert fk.udp_dst_port == 5353
 
 
@@ -274,7 +298,7 @@ def test_ipv6_udp_every_key_field():
         tr.ipv6(tr.udp(546, 547), src="2001:db8::a", dst="ff02::1:2",
                 hop_limit=1, tclass=0xB8, flow_label=0xABCDE),
         ethertype=tr.ETH_TYPE_IPV6)
-    fk = packet.parse(frame, 5, input_port=2)
+    fk = packet.parse(frame, 5, iface=iface(2))
     assert fk.template_id == 280
     assert fk.kind == packet.IPV6_OK and fk.udp_dst_port == 547
     f = fields(fk)
@@ -282,7 +306,8 @@ def test_ipv6_udp_every_key_field():
         "observationPointId": 5, "flowDirection": 0,
         "sourceMacAddress": tr.SRC_MAC, "destinationMacAddress": tr.DST_MAC,
         "ethernetType": 0x86DD, "ethernetHeaderLength": 14,
-        "ingressInterface": 2,
+        "ingressInterface": 2, "ingressInterfaceType": 0,
+        "interfaceName": "", "interfaceDescription": "",
         "ipVersion": 6, "ipTTL": 1, "protocolIdentifier": 17,
         "ipDiffServCodePoint": 46, "ipPrecedence": 5,
         "ipClassOfService": 0xB8,
@@ -521,7 +546,8 @@ def test_bfd_port_is_reported():
 
 def test_observation_point_and_ports_are_u32():
     fk = packet.parse(tr.ethernet(tr.arp(), ethertype=tr.ETH_TYPE_ARP),
-                      obs_point_id=(1 << 32) + 5, input_port=(1 << 32) + 6)
+                      obs_point_id=(1 << 32) + 5,
+                      iface=iface((1 << 32) + 6))
     f = fields(fk)
     assert (f["observationPointId"], f["ingressInterface"]) == (5, 6)
 
@@ -564,7 +590,9 @@ def check_against_truth(frame):
     want, kind, flags = expected_from_truth(frame)
     fk = packet.parse(frame)
     got = fields(fk)
-    for k in ("observationPointId", "flowDirection", "ingressInterface"):
+    for k in ("observationPointId", "flowDirection", "ingressInterface",
+              "ingressInterfaceType", "interfaceName",
+              "interfaceDescription"):
         got.pop(k)
     assert got == want
     assert fk.kind == kind
@@ -595,7 +623,7 @@ def test_traffic_mix_truncated_everywhere_matches_reference():
 
 def check_invariants(fk, frame):
     tmpl = t.get(fk.template_id)
-    assert len(fk.key) == tmpl.key_length
+    fields(fk)      # the key decodes through its template, to the byte
     assert fk.eth_header_len in (14, 18, 22)
     assert fk.is_ip == (tmpl.l3 != t.L3_NONE)
     assert fk.kind in (packet.OTHER, packet.IPV4_OK, packet.IPV6_OK,
@@ -607,12 +635,30 @@ def check_invariants(fk, frame):
     assert fk.udp_dst_port == -1 or tmpl.l4 == t.L4_UDP
 
 
+VXLAN_PORT = interfaces.Interface(2, name="vx0", type="vxlan")
+
+
 @settings(max_examples=1500, deadline=None)
-@given(st.binary(max_size=200), st.integers(0, 1))
-def test_parse_never_raises_on_arbitrary_bytes(data, direction):
-    fk = packet.parse(data, 1, direction, 2, 3)
+@given(st.binary(max_size=200), st.integers(0, 1), st.booleans(),
+       st.integers(0, (1 << 64) - 1))
+def test_parse_never_raises_on_arbitrary_bytes(data, direction, tunnelled,
+                                               vni):
+    tunnel = b""
+    if tunnelled:
+        tunnel = interfaces.tunnel_part(VXLAN_PORT, upcall.Tunnel(
+            b"\x0a\0\0\1", b"\x0a\0\0\2", 1234, 4789, vni, 1))
+    fk = packet.parse(data, 1, direction,
+                      iface(2, 3, direction == t.EGRESS, name="p2"), tunnel)
     check_invariants(fk, data)
-    assert t.get(fk.template_id).direction == direction
+    tmpl = t.get(fk.template_id)
+    assert tmpl.direction == direction and tmpl.tunnel == tunnelled
+    f = fields(fk)
+    assert f["interfaceName"] == "p2"
+    if tunnelled:
+        assert fk.key.endswith(tunnel)
+        assert f["tunnelKey"] == (vni & 0xFFFFFF).to_bytes(3, "big")
+        assert (f["tunnelType"], f["tunnelProtocolIdentifier"],
+                f["tunnelDestinationTransportPort"]) == (1, 17, 4789)
 
 
 HEADS = st.sampled_from([

@@ -544,11 +544,11 @@ def failing_sockets(monkeypatch):
     fail = []
     calls = [0]
 
-    def collector_set(targets, now=0.0):
+    def collector_set(targets, now=0.0, *args):
         calls[0] += 1
         if calls[0] in fail:
             raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-        return real(targets, now)
+        return real(targets, now, *args)
 
     monkeypatch.setattr(exporter_module, "CollectorSet", collector_set)
     return fail

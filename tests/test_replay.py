@@ -230,6 +230,8 @@ def test_bad_file_is_one_line_error(tmp, server):
     (["--collector-set=1", "--sampling=5"], "--sampling is for bridge"),
     (["--rate=-3"], "positive"),
     (["--input-port=x"], "not an integer"),
+    (["--input-port=2", "--tunnel-port=3"], "--tunnel-port is the input"),
+    (["--tunnel-port=-1"], "--tunnel-port"),
     ([], "required"),
 ])
 def test_bad_options_are_one_line_errors(tmp, args, message):
@@ -238,3 +240,32 @@ def test_bad_options_are_one_line_errors(tmp, args, message):
     assert rc == 2
     assert_one_line(err)
     assert message in err, err
+
+
+def test_tunnel_port_decapsulates_and_keeps_the_rest(tmp, server):
+    """``--tunnel-port=7``: a VXLAN packet arrives as its inner frame with
+    its tunnel, a flow sample keeps its ids; other frames go as they are,
+    without tunnel metadata, on the same port; the order is kept."""
+    import traffic as tr
+    inner = tr.build_frame(sport=5, dport=6)
+    vx = tr.ethernet(tr.ipv4(tr.udp(49152, 4789, tr.vxlan(inner, 5001)),
+                             src="198.51.100.1", dst="198.51.100.2"))
+    plain = tr.build_frame(sport=7, dport=8)
+    path = os.path.join(tmp, "underlay.pcap")
+    write_pcap(path, [(1.0, vx), (1.1, plain), (1.2, vx)])
+    rc, err, got = run_replay(server, f"--channel={server.path}",
+                              "--tunnel-port=7", "--collector-set=2",
+                              "--obs-domain-id=3", path)
+    assert rc == 0, err
+    assert_one_line(err)
+    assert SUMMARY.match(err).groups()[:2] == ("3", "3")
+    tunnel = upcall.Tunnel(bytes([198, 51, 100, 1]), bytes([198, 51, 100,
+                                                            2]),
+                           49152, 4789, 5001, 1)
+    assert got == [
+        upcall.FlowSample("br0", 2, 3, 0, 65535, 0, 7, None, inner,
+                          len(inner), tunnel),
+        upcall.FlowSample("br0", 2, 3, 0, 65535, 0, 7, None, plain,
+                          len(plain)),
+        upcall.FlowSample("br0", 2, 3, 0, 65535, 0, 7, None, inner,
+                          len(inner), tunnel)]

@@ -331,6 +331,37 @@ def gre(payload: bytes, proto: int = ETH_TYPE_IP) -> bytes:
     return struct.pack("!HH", 0, proto) + payload
 
 
+def vxlan(inner: bytes, vni: int, flags: int = 0x08) -> bytes:
+    """A VXLAN header (RFC 7348: I flag, 24-bit VNI) and its inner
+    Ethernet frame: the payload of a UDP datagram to port 4789."""
+    return struct.pack("!B3sI", flags, b"\0\0\0", vni << 8) + inner
+
+
+def geneve(inner: bytes, vni: int, options: bytes = b"",
+           proto: int = 0x6558) -> bytes:
+    """A Geneve header (RFC 8926) with ``options`` (a multiple of 4
+    bytes) and its inner frame: the payload of a UDP datagram to 6081."""
+    assert len(options) % 4 == 0
+    return struct.pack("!BBHI", len(options) // 4, 0, proto,
+                       vni << 8) + options + inner
+
+
+def gre_teb(inner: bytes, key: Optional[int] = None,
+            checksum: bool = False, seq: Optional[int] = None) -> bytes:
+    """A GRE header (RFC 2784/2890) carrying Ethernet (0x6558), with
+    the checksum, key and sequence fields asked for."""
+    flags = (0x80 if checksum else 0) | (0x20 if key is not None else 0) \
+        | (0x10 if seq is not None else 0)
+    out = struct.pack("!BBH", flags, 0, 0x6558)
+    if checksum:
+        out += b"\0\0\0\0"
+    if key is not None:
+        out += struct.pack("!I", key)
+    if seq is not None:
+        out += struct.pack("!I", seq)
+    return out + inner
+
+
 def arp(op: int = 1, *, sha: str = SRC_MAC, spa: str = "192.0.2.1",
         tha: str = "00:00:00:00:00:00", tpa: str = "192.0.2.2") -> bytes:
     """An Ethernet/IPv4 ARP packet (ethertype 0x0806)."""

@@ -225,11 +225,15 @@ def part1(table: Table, quick: bool, say) -> None:
               "everything) in a child process"
               % (per_tm, m["mapped"] / m["flows"], per_rss))
     n_exp = sizes.expire_n
-    small, big = res["expiry_small"], res["expiry_big"]
-    for key, what, how in (
-            ("expire_s", "expire", "FlowCache.expire(now)"),
-            ("run_s", "expire+export", "Exporter.run(now) after "
-             "FlowCache.expire: records built and sent")):
+    for small, big, by, key, what, how in (
+            (res["expiry_small"], res["expiry_big"], "active", "expire_s",
+             "expire", "FlowCache.expire(now)"),
+            (res["expiry_small"], res["expiry_big"], "active", "run_s",
+             "expire+export", "Exporter.run(now) after "
+             "FlowCache.expire: records built and sent"),
+            (res["idle_small"], res["idle_big"], "idle", "expire_s",
+             "idle-expire", "FlowCache.expire(now), idle timeout 100 s "
+             "(idle wheel)")):
         for res_, size in ((small, n_exp), (big, sizes.expire_big)):
             i += 1
             table.add("1.%d" % i,
@@ -237,8 +241,8 @@ def part1(table: Table, quick: bool, say) -> None:
                       % (what, label(n_exp), label(size)),
                       "%.2f" % (res_[key] * 1000), "-", None,
                       cmd + "   # " + how,
-                      "median of %d; cache sizes %s"
-                      % (len(res_[key.replace("_s", "_all")]),
+                      "by %s timeout; median of %d; cache sizes %s"
+                      % (by, len(res_[key.replace("_s", "_all")]),
                          ", ".join(label(s) if s % 1000 == 0 else str(s)
                                    for s in res_["cache_sizes"])))
         ratio = big[key] / small[key]

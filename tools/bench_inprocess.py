@@ -12,7 +12,8 @@ What is measured, all through the public API of ``ovs_ipfix_py``:
 - bytes of memory per cached flow (tracemalloc and RSS deltas around
   filling a fresh exporter, in a child process of its own);
 - the time to expire 10k flows from a cache of 10k and of 1M flows
-  (``FlowCache.expire`` alone, and ``Exporter.run`` exporting them).
+  (``FlowCache.expire`` alone, and ``Exporter.run`` exporting them), by
+  active timeout and by idle timeout.
 
 Frames come from ``tests/traffic.py:many_flows`` (Ethernet/IPv4, TCP and
 UDP alternating, 64..1500 bytes, whole frames).  One BridgeSample value
@@ -161,10 +162,10 @@ class Loopback:
 
 def new_exporter(target: str, max_flows: int,
                  active_timeout: int = LONG_TIMEOUT,
-                 now: float = T0) -> Exporter:
+                 now: float = T0, idle_timeout: int = 0) -> Exporter:
     opts = BridgeExporterOptions(
-        "br0", ExportOptions((target,), CacheOptions(active_timeout,
-                                                     max_flows)),
+        "br0", ExportOptions((target,), CacheOptions(
+            active_timeout, max_flows, idle_timeout=idle_timeout)),
         sampling=1)
     return Exporter(opts, now)
 
@@ -308,7 +309,7 @@ def memory_per_flow(n_flows: int) -> Dict:
 
 
 def expiry(samples: Sequence, n_expire: int, cache_size: int,
-           reps: int, sink: Loopback) -> Dict:
+           reps: int, sink: Loopback, idle: bool = False) -> Dict:
     """Median seconds to expire ``n_expire`` flows from a cache of
     ``cache_size`` flows: FlowCache.expire alone, then Exporter.run
     exporting what expired (records built and sent).
@@ -316,8 +317,10 @@ def expiry(samples: Sequence, n_expire: int, cache_size: int,
     Flows start in bands: band k (``n_expire`` flows) from T0 + k s
     (feed() advances 1 us per sample, so a band spans 10 ms for 10k
     flows), the rest from T0 + 1000 s; with an active timeout of 100 s,
-    expiring at T0 + 100 + k + 0.5 takes exactly band k.  A cache of
-    ``n_expire`` flows is refilled before each expiration.
+    expiring at T0 + 100 + k + 0.5 takes exactly band k.  With
+    ``idle``, the timeout of 100 s is the idle one (active 4200 s):
+    the same bands leave by idle timeout, through the idle wheel.  A
+    cache of ``n_expire`` flows is refilled before each expiration.
     """
     timeout = 100
     expire_s: List[float] = []
@@ -328,7 +331,11 @@ def expiry(samples: Sequence, n_expire: int, cache_size: int,
     else:
         plans = [(reps, cache_size - reps * n_expire)]
     for bands, rest in plans:
-        exp = new_exporter(sink.target, 2 * cache_size, timeout)
+        if idle:
+            exp = new_exporter(sink.target, 2 * cache_size, 4200,
+                               idle_timeout=timeout)
+        else:
+            exp = new_exporter(sink.target, 2 * cache_size, timeout)
         for k in range(bands):
             feed(exp, samples[k * n_expire:(k + 1) * n_expire], T0 + k)
         if rest:
@@ -431,6 +438,11 @@ def run(sizes: Sizes, progress=None) -> Dict:
                                      sizes.expire_reps, sink)
         res["expiry_big"] = expiry(pool, sizes.expire_n, sizes.expire_big,
                                    sizes.expire_reps, sink)
+        say("idle expiry")
+        res["idle_small"] = expiry(pool, sizes.expire_n, sizes.expire_n,
+                                   sizes.expire_reps, sink, idle=True)
+        res["idle_big"] = expiry(pool, sizes.expire_n, sizes.expire_big,
+                                 sizes.expire_reps, sink, idle=True)
     finally:
         sink.close()
     del pool

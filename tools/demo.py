@@ -2,7 +2,9 @@
 
 1. a private ovsdb-server in a temporary directory (Debian's schema);
 2. bridge br0 and an IPFIX row configured with ovs-vsctl (sampling 1, so
-   counts are exact; a 60 s active timeout keeps flows cached);
+   counts are exact; a 60 s active timeout keeps flows cached), with two
+   targets: a local UDP collector and an IPFIX file (RFC 5655,
+   ``file:/...``);
 3. ovs-ipfix-exporter started on that database with its own channel;
 4. a generated traffic mix written to a pcap and replayed with
    ovs-ipfix-replay;
@@ -10,13 +12,20 @@
 6. ``ovs-vsctl set IPFIX ... cache_active_timeout=120``: the exporter
    flushes its cache as forced end; the local collector's records are
    printed as a table and checked against the generated truth;
-7. everything stopped and removed.
+7. the IPFIX file read back by an independent reader (CERT's
+   ``ipfixDump --stats`` and ``--data``) and by our parser: the same
+   flows, no warning;
+8. when nfdump is installed, nfcapd received the same export as a third
+   target: ``nfdump`` prints the flows with their first-seen time and
+   duration (checked: within the replay's time window);
+9. everything stopped and removed.
 
 Exit status 0 when every flow arrived with the right counts.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import subprocess
@@ -29,7 +38,13 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from ovs_ipfix_py.pcap import write_pcap  # noqa: E402
 from tests.support.collector import UdpCollector  # noqa: E402
-from tests.support.decoders import parse_collector  # noqa: E402
+from tests.support.decoders import (  # noqa: E402
+    NfcapdCollector,
+    ipfixdump_check,
+    ipfixdump_stats,
+    parse_collector,
+    parse_messages,
+)
 from tests.support.ovsdb import OvsdbServer  # noqa: E402
 from tests.traffic import flow_id_of, is_bfd, traffic_mix, truth_of  # noqa
 
@@ -91,16 +106,25 @@ def print_table(records):
 
 def main():
     workdir = tempfile.mkdtemp(prefix="ovs-ipfix-demo.", dir="/tmp")
-    server = collector = daemon = None
+    server = collector = daemon = nfcapd = None
     try:
         step("private ovsdb-server in %s" % workdir)
         server = OvsdbServer(workdir).start()
         collector = UdpCollector()
+        ipfix_file = os.path.join(workdir, "flows.ipfix")
+        targets = [collector.target, "file:" + ipfix_file]
+        if shutil.which("nfcapd") and shutil.which("nfdump"):
+            step("start nfcapd (nfdump's collector) as a third target")
+            nfdir = os.path.join(workdir, "nfcapd")
+            os.makedirs(nfdir)
+            nfcapd = NfcapdCollector(workdir=nfdir).__enter__()
+            targets.append(nfcapd.target)
         step("configure bridge br0 and IPFIX with ovs-vsctl")
         cmd = ["add-br", "br0", "--", "set", "bridge", "br0",
                "datapath_type=dummy", "--",
                "--id=@i", "create", "IPFIX",
-               'targets="%s"' % collector.target, "sampling=1",
+               "targets=[%s]" % ",".join('"%s"' % t for t in targets),
+               "sampling=1",
                "obs_domain_id=1", "obs_point_id=2",
                "cache_active_timeout=60", "cache_max_flows=10000", "--",
                "set", "Bridge", "br0", "ipfix=@i"]
@@ -126,10 +150,14 @@ def main():
         pcap = os.path.join(workdir, "traffic.pcap")
         write_pcap(pcap, [(1.0 + i / 1000.0, f)
                           for i, f in enumerate(frames)])
+        replay_start = time.time()
+        # Paced (1000 samples/s), so flows last long enough for their
+        # durations to show.
         sys.stdout.write(run(["ovs-ipfix-replay", "--channel=" + channel,
-                              "--bridge=br0", pcap]))
+                              "--bridge=br0", "--rate=1000", pcap]))
         wait_for(lambda: "sampled pkts=%d" % len(frames) in run(
             ["ovs-appctl", "-t", ctl, "ipfix/show"]), what="the samples")
+        replay_end = time.time()
         sys.stdout.write(run(["ovs-appctl", "-t", ctl, "ipfix/show"]))
 
         step("change an option: the cache is flushed as forced end")
@@ -156,20 +184,73 @@ def main():
                  session.problems or "none"))
         ok = (len(records) == len(truth) and total_pkts == want_pkts
               and set(got) == {4} and not session.problems)
+
+        step("read the IPFIX file back (ipfixDump, then our parser)")
+        print("$ ipfixDump --in %s --stats" % ipfix_file)
+        stats = ipfixdump_stats(ipfix_file)
+        print(stats["stdout"].strip())
+        with open(ipfix_file, "rb") as f:
+            in_file = parse_messages(f.read())
+        file_records = sorted(
+            (r.normalized() for m in in_file for r in m.data_records),
+            key=repr)
+        same = file_records == sorted(records, key=repr)
+        # ipfixDump --stats and --data: no warning, every message read.
+        dump_ok, dump_output = ipfixdump_check(ipfix_file)
+        file_ok = (same and dump_ok and stats["data_records"] == sum(
+            len(m.records) for m in in_file))
+        print("file: %d flows, %s the UDP collector's; ipfixDump: %d "
+              "messages, %d data records, %s"
+              % (len(file_records), "the same as" if same else
+                 "NOT the same as", stats["messages"],
+                 stats["data_records"],
+                 "no error" if file_ok else "ERRORS: " + dump_output[:2000]))
+        ok = ok and file_ok
         sys.stdout.write(run(["ovs-appctl", "-t", ctl, "ipfix/show"]))
         run(["ovs-appctl", "-t", ctl, "exit"])
         daemon.wait(timeout=10)
+        if nfcapd is not None:
+            ok = show_nfdump(nfcapd, replay_start, replay_end) and ok
         print("\n%s" % ("DEMO OK" if ok else "DEMO FAILED"))
         return 0 if ok else 1
     finally:
         if daemon is not None and daemon.poll() is None:
             daemon.terminate()
             daemon.wait(timeout=10)
+        if nfcapd is not None:
+            nfcapd._stop(15)        # SIGTERM; nothing left after __exit__
         if collector is not None:
             collector.close()
         if server is not None:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def show_nfdump(nfcapd, start, end):
+    """Stop nfcapd (it writes its file), print what nfdump reads and
+    check every flow's first and last seen against the replay's window
+    (s since the epoch).  True when they all lie in it."""
+    nfcapd.__exit__(None, None, None)
+    files = sorted(f for f in os.listdir(nfcapd.flowdir)
+                   if f.startswith("nfcapd.2"))
+    step("read the records with nfdump (first seen, duration, flow)")
+    cmd = ["nfdump", "-r", os.path.join(nfcapd.flowdir, files[0]),
+           "-o", "line", "-c", "12", "-O", "tstart",
+           "proto tcp or proto udp"]
+    sys.stdout.write(run(cmd, env=dict(os.environ, TZ="UTC")))
+    late = [r for r in nfcapd.records
+            if not start - 0.01 <= r["flow_start"] <= r["flow_end"]
+            <= end + 0.01]
+    print("nfdump: %d flows, first/last seen all within the replay "
+          "(%s - %s UTC): %s"
+          % (len(nfcapd.records), _utc(start), _utc(end),
+             "yes" if not late else "NO: %r" % late[:2]))
+    return bool(nfcapd.records) and not late
+
+
+def _utc(t):
+    return datetime.datetime.fromtimestamp(
+        t, datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
 
 
 if __name__ == "__main__":

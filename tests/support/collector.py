@@ -12,6 +12,7 @@ Receiving only happens inside ``receive()`` / ``wait_for()`` /
 
 import select
 import socket
+import ssl
 import struct
 import time
 
@@ -222,7 +223,7 @@ class TcpCollector(_Collector):
         peer, buf = self._peers[conn]
         try:
             data = conn.recv(1 << 20)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError):
             return
         except OSError as e:
             self.errors.append(f"{peer}: {e}")
@@ -257,6 +258,21 @@ class TcpCollector(_Collector):
         del self._peers[conn]
         conn.close()
 
+    def streams(self):
+        """The messages of each connection, in order: a list of lists of
+        (arrival, bytes), one per peer (each reconnection comes from a
+        new port)."""
+        by_peer = {}
+        for (arrival, data), peer in zip(self.datagrams, self.senders):
+            by_peer.setdefault(peer, []).append((arrival, data))
+        return list(by_peer.values())
+
+    def write_pcap(self, path):
+        """Write every connection as a TCP stream to this collector's
+        port, for ``tshark -d tcp.port==PORT,cflow``."""
+        pcapfile.write_tcp_pcap(path, self.streams(), self.port,
+                                self.family)
+
     def close_connections(self):
         """Close every accepted connection (to test reconnects)."""
         for conn in list(self._peers):
@@ -266,7 +282,67 @@ class TcpCollector(_Collector):
                 pass
             self._drop(conn)
 
+    def reset_connections(self):
+        """Reset every accepted connection (RST: SO_LINGER 0, close)."""
+        for conn in list(self._peers):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                            struct.pack("ii", 1, 0))
+            self._drop(conn)
+
     def close(self):
         self.close_connections()
         super().close()
 
+
+
+class TlsCollector(TcpCollector):
+    """A TcpCollector speaking TLS (server side): ``certfile``/``keyfile``
+    its certificate; with ``cafile`` the exporter must present a
+    certificate signed by it.  The handshake of an accepted connection
+    blocks the collector (up to ``HANDSHAKE_TIMEOUT`` s): the exporter
+    must run in another process.  ``peer_certs`` lists each peer
+    certificate's subject; ``versions`` each connection's TLS version;
+    failed handshakes go to ``errors``.
+    """
+
+    HANDSHAKE_TIMEOUT = 10.0
+
+    def __init__(self, certfile, keyfile, cafile=None,
+                 family=socket.AF_INET, port=0):
+        super().__init__(family, port)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(certfile, keyfile)
+        if cafile:
+            ctx.load_verify_locations(cafile=cafile)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        self.context = ctx
+        self.peer_certs = []
+        self.versions = []
+
+    def _accept(self):
+        try:
+            conn, peer = self._sock.accept()
+        except BlockingIOError:
+            return
+        conn.settimeout(self.HANDSHAKE_TIMEOUT)
+        try:
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError) as e:
+            self.errors.append(f"{peer}: handshake: {e}")
+            conn.close()
+            return
+        tls.setblocking(False)
+        cert = tls.getpeercert()
+        self.peer_certs.append(cert.get("subject") if cert else None)
+        self.versions.append(tls.version())
+        self._peers[tls] = [peer, b""]
+        self.connections += 1
+
+    def _read(self, conn):
+        # OpenSSL may hold decrypted bytes select() does not see: read
+        # until it wants more from the socket.
+        while conn in self._peers:
+            super()._read(conn)
+            if conn in self._peers and not conn.pending():
+                return

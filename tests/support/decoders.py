@@ -79,9 +79,12 @@ FIELDS = {
     61: ("flow_direction", "uint"),
     80: ("dst_mac", "mac"),
     82: ("if_name", "string"),
+    83: ("if_descr", "string"),
     136: ("end_reason", "uint"),
     138: ("obs_point_id", "uint"),
     144: ("exporting_process_id", "uint"),
+    152: ("start_ms", "uint"),
+    153: ("end_ms", "uint"),
     158: ("start_delta_us", "uint"),
     159: ("end_delta_us", "uint"),
     166: ("not_sent_flows", "uint"),
@@ -106,6 +109,23 @@ FIELDS = {
     309: ("sampling_size", "uint"),
     310: ("sampling_population", "uint"),
     352: ("l2_octets", "uint"),
+    368: ("ingress_if_type", "uint"),
+    369: ("egress_if_type", "uint"),
+}
+
+#: Enterprise elements by (PEN, id): VMware's (PEN 6876) as OVS sends
+#: them (ofproto/ipfix-enterprise-entities.def).  tunnel_key is hex, so
+#: its length (3 bytes for VXLAN/Geneve VNIs, 4 for GRE keys) shows.
+PEN_VMWARE = 6876
+ENTERPRISE_FIELDS = {
+    (PEN_VMWARE, 891): ("tunnel_type", "uint"),
+    (PEN_VMWARE, 892): ("tunnel_key", "hex"),
+    (PEN_VMWARE, 893): ("tunnel_src", "ip"),
+    (PEN_VMWARE, 894): ("tunnel_dst", "ip"),
+    (PEN_VMWARE, 895): ("tunnel_proto", "uint"),
+    (PEN_VMWARE, 896): ("tunnel_src_port", "uint"),
+    (PEN_VMWARE, 897): ("tunnel_dst_port", "uint"),
+    (PEN_VMWARE, 898): ("virtual_obs_id", "string"),
 }
 
 # ---------------------------------------------------------------------
@@ -178,9 +198,14 @@ class DataRecord:
         out = {"template_id": self.template_id,
                "obs_domain_id": self.domain}
         for spec, data in self.fields:
-            if spec.pen or spec.ie not in FIELDS:
+            named = (ENTERPRISE_FIELDS.get(spec.key) if spec.pen
+                     else FIELDS.get(spec.ie))
+            if named is None:
                 continue
-            key, kind = FIELDS[spec.ie]
+            key, kind = named
+            if key in ("if_name", "if_descr") and key in out:
+                # OVS's egress layouts name the output port second.
+                key = "egress_" + key
             if key in out:
                 continue
             out[key] = _decode_value(kind, data)
@@ -188,10 +213,15 @@ class DataRecord:
                            ("end_delta_us", "flow_end")):
             if delta in out:
                 out[key] = self.export_time - out[delta] / 1e6
+        for ms, key in (("start_ms", "flow_start"), ("end_ms", "flow_end")):
+            if ms in out:
+                out[key] = out[ms] / 1e3
         return out
 
 
 def _decode_value(kind, data):
+    if kind == "hex":
+        return data.hex()
     if kind == "uint":
         return int.from_bytes(data, "big")
     if kind == "mac":
@@ -537,6 +567,9 @@ TSHARK_FIELDS = {
     "cflow.inputint": "ingress_if",
     "cflow.outputint": "egress_if",
     "cflow.if_name": "if_name",
+    "cflow.if_descr": "if_descr",
+    "cflow.ingress_interface_type": "ingress_if_type",
+    "cflow.egress_interface_type": "egress_if_type",
     "cflow.flow_exporter": "exporting_process_id",
     "cflow.notsent_flows": "not_sent_flows",
     "cflow.notsent_packets": "not_sent_packets",
@@ -545,7 +578,8 @@ TSHARK_FIELDS = {
     "cflow.selector_algorithm": "selector_algorithm",
     "cflow.sampling_probability": "sampling_probability",
 }
-_TSHARK_TEXT = {"src_mac", "dst_mac", "src_ip", "dst_ip", "if_name"}
+_TSHARK_TEXT = {"src_mac", "dst_mac", "src_ip", "dst_ip", "if_name",
+                "if_descr"}
 _TSHARK_FLOAT = {"sampling_probability"}
 #: Expert info at or above this severity is a warning (PI_WARN).
 _PI_WARN = 0x00600000
@@ -588,8 +622,26 @@ def _tshark_time(text):
     return parsed.timestamp() + float("0." + (frac or "0"))
 
 
-def _normalize_tshark(flow, domain, template_id):
+def _normalize_tshark(flow, domain, template_id, enterprise=()):
+    """One tshark "Flow N" node as a normalized record.  ``enterprise``:
+    the (PEN, id) of the template's enterprise fields, in order: tshark
+    names no VMware element, it shows their values as
+    ``cflow.enterprise_private_entry`` ("0a:00:00:01"), one per
+    enterprise field in template order, and its template tree shows
+    "893 [pen: VMware Inc.]"; we pair the two."""
     out = {"template_id": template_id, "obs_domain_id": domain}
+    values = flow.get("cflow.enterprise_private_entry", [])
+    if not isinstance(values, list):
+        values = [values]
+    for spec, text in zip(enterprise, values):
+        named = ENTERPRISE_FIELDS.get(spec)
+        if named is not None:
+            data = bytes.fromhex(text.replace(":", ""))
+            out[named[0]] = _decode_value(named[1], data)
+    for key in ("cflow.if_name", "cflow.if_descr"):
+        # The second interfaceName/Description: the egress port's.
+        if isinstance(flow.get(key), list) and len(flow[key]) > 1:
+            out["egress_" + key[6:]] = flow[key][1]
     for field, key in TSHARK_FIELDS.items():
         if field not in flow:
             continue
@@ -643,14 +695,14 @@ def _expert_messages(node, found):
             _expert_messages(value, found)
 
 
-def _run_tshark(pcap_path, port):
+def _run_tshark(pcap_path, port, transport="udp"):
     tshark = require("tshark", "tshark")
     # The cflow dissector drops templates of over 60 fields by default:
     # 0 lifts the limit.
     argv = [tshark, "-n", "-r", pcap_path,
-            "-d", f"udp.port=={port},cflow",
+            "-d", f"{transport}.port=={port},cflow",
             "-o", "cflow.max_template_fields:0",
-            "-J", "frame udp cflow _ws.malformed _ws.expert",
+            "-J", f"frame {transport} cflow _ws.malformed _ws.expert",
             "-T", "json", "--no-duplicate-keys"]
     result = subprocess.run(argv, capture_output=True, text=True,
                             stdin=subprocess.DEVNULL, timeout=300)
@@ -660,11 +712,13 @@ def _run_tshark(pcap_path, port):
     return json.loads(result.stdout) if result.stdout.strip() else []
 
 
-def tshark_decode(pcap_path, port):
-    """Decode ``pcap_path`` with tshark, IPFIX on UDP ``port``."""
+def tshark_decode(pcap_path, port, transport="udp"):
+    """Decode ``pcap_path`` with tshark, IPFIX on UDP ``port`` (or, with
+    ``transport="tcp"``, on TCP: messages reassembled from the stream,
+    several per frame, a frame with none is no problem)."""
     records, options, messages, warnings = [], [], [], []
     kinds = {}  # (domain, template id) -> (options?, min record length)
-    for packet in _run_tshark(pcap_path, port):
+    for packet in _run_tshark(pcap_path, port, transport):
         layers = packet["_source"]["layers"]
         frame = int(_first(layers["frame"]["frame.number"]))
         found = []
@@ -672,13 +726,16 @@ def tshark_decode(pcap_path, port):
         warnings.extend(f"frame {frame}: {text}" for text in found)
         cflows = layers.get("cflow")
         if cflows is None:
-            warnings.append(f"frame {frame}: not decoded as IPFIX")
+            if transport == "udp":
+                warnings.append(f"frame {frame}: not decoded as IPFIX")
             continue
-        udp_payload = int(_first(layers["udp"]["udp.length"])) - 8
+        udp_payload = int(_first(layers["udp"]["udp.length"])) - 8 \
+            if transport == "udp" else None
         for cflow in cflows if isinstance(cflows, list) else [cflows]:
             domain = int(_first(cflow.get("cflow.od_id", "0")))
             length = int(_first(cflow.get("cflow.len", "0")))
-            if not isinstance(cflows, list) and length != udp_payload:
+            if udp_payload is not None and not isinstance(cflows, list) \
+                    and length != udp_payload:
                 warnings.append(f"frame {frame}: message length {length}"
                                 f" != UDP payload {udp_payload}")
             count = 0
@@ -712,19 +769,28 @@ def _tshark_set(node, domain, kinds, records, options, warnings, frame):
                 continue
             tid = int(_first(tmpl["cflow.template_id"]))
             minimum = 0
+            enterprise = []
             for field in tmpl.values():
                 if isinstance(field, dict) and \
                         "cflow.template_field_length" in field:
                     length = int(_first(field["cflow.template_field_length"]))
                     minimum += 1 if length == VARIABLE_LENGTH else length
+                    if "cflow.template_ipfix_field_pen" in field:
+                        enterprise.append((
+                            int(_first(field[
+                                "cflow.template_ipfix_field_pen"])),
+                            int(_first(field[
+                                "cflow.template_ipfix_field_type_"
+                                "enterprise"]))))
             kinds[(domain, tid)] = (set_id == OPTIONS_TEMPLATE_SET_ID,
-                                    minimum)
+                                    minimum, tuple(enterprise))
         return 0
-    is_options, minimum = kinds.get((domain, set_id), (False, 0))
+    is_options, minimum, enterprise = kinds.get((domain, set_id),
+                                                (False, 0, ()))
     count = 0
     for name, flow in node.items():
         if name.startswith("Flow ") and isinstance(flow, dict):
-            record = _normalize_tshark(flow, domain, set_id)
+            record = _normalize_tshark(flow, domain, set_id, enterprise)
             (options if is_options else records).append(record)
             count += 1
     padding = _first(node.get("cflow.padding", ""))
@@ -841,7 +907,9 @@ class NfcapdCollector(_LiveCollector):
 
     nfcapd does not count options data records in its sequence check,
     so streams carrying them show false "sequence errors".  nfdump
-    1.7.1 misreads flowStart/EndDeltaMicroseconds (first/last).
+    1.7.1 misreads flowStart/EndDeltaMicroseconds (first/last); it
+    reads flowStart/EndMilliseconds, normalized here as flow_start /
+    flow_end (s since the epoch; nfdump runs with TZ=UTC).
     """
 
     PACKAGE = "nfdump"
@@ -882,7 +950,8 @@ class NfcapdCollector(_LiveCollector):
                 # brackets.
                 [nfdump, "-r", os.path.join(self.flowdir, name),
                  "-o", "json"], capture_output=True, text=True,
-                stdin=subprocess.DEVNULL, timeout=120)
+                stdin=subprocess.DEVNULL, timeout=120,
+                env=dict(os.environ, TZ="UTC"))
             if result.returncode != 0:
                 raise RuntimeError(f"nfdump failed: {result.stderr}")
             text = result.stdout.strip()
@@ -906,9 +975,24 @@ _NFDUMP_FIELDS = {
 }
 
 
+def _utc_seconds(text):
+    """"2026-11-30T07:03:50.217" or "2026-11-30 07:03:50.217000", UTC,
+    as s since the epoch; None for what is no time (nfacctd prints
+    "0000-00-00 00:00:00" for a record without one)."""
+    try:
+        parsed = datetime.datetime.fromisoformat(
+            text.strip().replace(" ", "T"))
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
 def _normalize_nfdump(raw):
     out = {new: raw[old] for old, new in _NFDUMP_FIELDS.items()
            if old in raw}
+    for old, new in (("first", "flow_start"), ("last", "flow_end")):
+        if raw.get(old):
+            out[new] = _utc_seconds(raw[old])
     out["raw"] = raw
     return out
 
@@ -935,7 +1019,8 @@ class NfacctdCollector(_LiveCollector):
     DEFAULT_AGGREGATE = ("src_mac", "dst_mac", "vlan", "etype",
                          "src_host", "dst_host", "src_port", "dst_port",
                          "proto", "tos", "tcpflags", "in_iface",
-                         "out_iface", "export_proto_seqno")
+                         "out_iface", "export_proto_seqno",
+                         "timestamp_start", "timestamp_end")
 
     def __init__(self, family=socket.AF_INET, workdir=None,
                  aggregate=DEFAULT_AGGREGATE, extra_config=()):
@@ -963,6 +1048,9 @@ class NfacctdCollector(_LiveCollector):
             # Flush only when stopped: SIGINT purges the cache.
             "print_refresh_time[out]: 3600",
             "print_num_protos[out]: true",
+            # Flow times (timestamp_start/end) in ms, UTC.
+            "timestamps_secs: false",
+            "timestamps_utc: true",
             *self.extra_config,
         ]
         with open(config, "w") as f:
@@ -997,10 +1085,17 @@ _NFACCTD_FIELDS = {
 
 
 def _normalize_nfacctd(row):
+    """A CSV row as a normalized dict; with the timestamp_start/end
+    primitives aggregated (and ``timestamps_utc: true``), flow_start and
+    flow_end in s since the epoch."""
     out = {}
     for column, (key, convert) in _NFACCTD_FIELDS.items():
         if row.get(column) not in (None, ""):
             out[key] = convert(row[column])
+    for column, key in (("TIMESTAMP_START", "flow_start"),
+                        ("TIMESTAMP_END", "flow_end")):
+        if row.get(column) not in (None, ""):
+            out[key] = _utc_seconds(row[column])
     out["raw"] = row
     return out
 
@@ -1123,7 +1218,8 @@ def judge_collector(collector, directory):
 
 
 __all__ = [
-    "FIELDS", "FieldSpec", "Template", "DataRecord", "IpfixSet",
+    "FIELDS", "ENTERPRISE_FIELDS", "FieldSpec", "Template", "DataRecord",
+    "IpfixSet",
     "Message", "Session", "parse_messages", "parse_datagrams",
     "parse_collector", "TsharkDecode", "tshark_decode", "tshark_records",
     "NfcapdCollector", "nfdump_records", "NfacctdCollector",

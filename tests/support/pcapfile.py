@@ -89,3 +89,86 @@ def write_pcap(path, datagrams, dst_port, family=socket.AF_INET):
             usec = min(int((arrival - sec) * 1e6), 999999)
             f.write(_RECORD_HEADER.pack(sec, usec, len(frame), len(frame)))
             f.write(frame)
+
+
+_TCP = struct.Struct("!HHIIBBHHH")
+_SYN, _FIN, _ACK, _PSH = 0x02, 0x01, 0x10, 0x08
+#: Payload bytes per TCP segment written: messages longer than this are
+#: cut across segments, so tshark has to reassemble them.
+TCP_SEGMENT = 1000
+
+
+def tcp_frame(payload, src_port, dst_port, seq, ack, flags,
+              family=socket.AF_INET, reverse=False):
+    """One Ethernet frame carrying a TCP segment (no options) from the
+    fixed source to ``dst_port`` (``reverse``: the other way)."""
+    src_text, dst_text = _ADDRESSES[family]
+    if reverse:
+        src_text, dst_text = dst_text, src_text
+    src = socket.inet_pton(family, src_text)
+    dst = socket.inet_pton(family, dst_text)
+    tcp_len = _TCP.size + len(payload)
+    if family == socket.AF_INET:
+        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP,
+                                         tcp_len)
+    else:
+        pseudo = src + dst + struct.pack("!IxxxB", tcp_len,
+                                         socket.IPPROTO_TCP)
+    seg = _TCP.pack(src_port, dst_port, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+                    5 << 4, flags, 65535, 0, 0) + payload
+    csum = _checksum(pseudo + seg)
+    seg = seg[:16] + struct.pack("!H", csum) + seg[18:]
+    if family == socket.AF_INET:
+        ip = _IPV4.pack(0x45, 0, _IPV4.size + tcp_len, 0, 0x4000, 64,
+                        socket.IPPROTO_TCP, 0, src, dst)
+        ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+        ethertype = 0x0800
+    else:
+        ip = _IPV6.pack(6 << 28, tcp_len, socket.IPPROTO_TCP, 64, src, dst)
+        ethertype = 0x86DD
+    macs = (_SRC_MAC, _DST_MAC) if reverse else (_DST_MAC, _SRC_MAC)
+    return _ETHERNET.pack(*macs, ethertype) + ip + seg
+
+
+def write_tcp_pcap(path, streams, dst_port, family=socket.AF_INET):
+    """Write TCP connections to ``dst_port`` as a capture: ``streams`` is
+    a list of connections, each a list of (arrival time in s, bytes) in
+    the order received.  Each connection gets its own source port, a
+    three-way handshake, its bytes in segments of at most TCP_SEGMENT
+    bytes (each acknowledged) and a FIN exchange."""
+    with open(path, "wb") as f:
+        f.write(_GLOBAL_HEADER.pack(PCAP_MAGIC, 2, 4, 0, 0, SNAPLEN,
+                                    LINKTYPE_ETHERNET))
+
+        def put(when, frame):
+            sec = int(when)
+            usec = min(int((when - sec) * 1e6), 999999)
+            f.write(_RECORD_HEADER.pack(sec, usec, len(frame), len(frame)))
+            f.write(frame)
+
+        for n, chunks in enumerate(streams):
+            sport = SOURCE_PORT + n
+            when = chunks[0][0] if chunks else 0.0
+            cseq, sseq = 1000, 5000
+            put(when, tcp_frame(b"", sport, dst_port, cseq, 0, _SYN,
+                                family))
+            put(when, tcp_frame(b"", dst_port, sport, sseq, cseq + 1,
+                                _SYN | _ACK, family, reverse=True))
+            cseq += 1
+            sseq += 1
+            put(when, tcp_frame(b"", sport, dst_port, cseq, sseq, _ACK,
+                                family))
+            for when, data in chunks:
+                for i in range(0, len(data), TCP_SEGMENT):
+                    piece = data[i:i + TCP_SEGMENT]
+                    put(when, tcp_frame(piece, sport, dst_port, cseq, sseq,
+                                        _ACK | _PSH, family))
+                    cseq += len(piece)
+                    put(when, tcp_frame(b"", dst_port, sport, sseq, cseq,
+                                        _ACK, family, reverse=True))
+            put(when, tcp_frame(b"", sport, dst_port, cseq, sseq,
+                                _FIN | _ACK, family))
+            put(when, tcp_frame(b"", dst_port, sport, sseq, cseq + 1,
+                                _FIN | _ACK, family, reverse=True))
+            put(when, tcp_frame(b"", sport, dst_port, cseq + 1, sseq + 1,
+                                _ACK, family))

@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from ovs_ipfix_py import fastpath, packet, upcall  # noqa: E402
+from ovs_ipfix_py import fastpath, interfaces, packet, upcall  # noqa: E402
 from ovs_ipfix_py import templates as t  # noqa: E402
 from ovs_ipfix_py.config import (  # noqa: E402
     IPFIX_INT_COLUMNS,
@@ -191,23 +191,36 @@ def _batch_input(r: Reader):
         head = _HEADS[ctl % len(_HEADS)]
         frame = head + r.take(r.u8())
         in_port = 1 + (ctl >> 3 & 1)
-        out_port = (None, 3, UINT32_MAX)[(ctl >> 4) % 3]
+        out_port = (None, 3, UINT32_MAX, None)[(ctl >> 4) & 3]
         probability = r.choice(_PROBABILITIES)
         if probability == 2:
             probability = r.u32()
         # The channel carries orig_len as a u32.
         orig_len = min(len(frame) + r.choice(_EXTRA_LEN), UINT32_MAX)
+        tunnel = None
+        if ctl & 0x40:
+            tunnel = upcall.Tunnel(r.take(4).ljust(4, b"\0"),
+                                   r.take(4).ljust(4, b"\0"), r.u16(),
+                                   r.u16(), r.u32(), r.u8())
         batch.append(BridgeSample("br0", in_port, out_port, probability,
-                                  frame, orig_len))
+                                  frame, orig_len, tunnel))
     batches.append((now, batch))
-    return opts, batches
+    ports = {}
+    if flags & 4:
+        # OVSDB knows ports 1 (a VXLAN port: tunnelled samples on it are
+        # keyed by their tunnel) and 3.
+        ports = {1: interfaces.Interface(1, "vx1", 0, 0, "", "vxlan"),
+                 3: interfaces.Interface(3, "p3", 7, 6, "eth3", "")}
+    return opts, batches, ports
 
 
 def batch(data: bytes) -> None:
-    opts, batches = _batch_input(Reader(data))
+    opts, batches, ports = _batch_input(Reader(data))
     exporters = [Exporter(opts, 0.0) for _ in range(2)]
     c_exp, py_exp = exporters
     try:
+        for e in exporters:
+            e.set_ports(ports)
         if fastpath.C is not None:
             for now, b in batches:
                 c_exp.sample_bridge_batch(b, now)
@@ -230,14 +243,15 @@ def batch(data: bytes) -> None:
             assert c_exp.cache.take_expired() == py_flows
         flushed = py_flows[len(py_flows) - cached:]
         assert all(f.reason == FORCED_END for f in flushed)
+        # (Grouped as the exporter groups them: template and key length,
+        # which variable-length fields make differ within a template.)
         groups = {}
         for f in py_flows:
-            groups.setdefault(f.key[:6], []).append(f)
-        for prefix, group in groups.items():
+            groups.setdefault((f.key[:6], len(f.key)), []).append(f)
+        for (prefix, _), group in groups.items():
             tid = struct.unpack("!H", prefix[4:6])[0]
             tmpl = t.get(tid)
-            args = (group, 1_000_000_000_000, b"", bool(tmpl.l3),
-                    tmpl.l4 == t.L4_TCP)
+            args = (group, b"", bool(tmpl.l3), tmpl.l4 == t.L4_TCP)
             want = pack_records(*args)
             if fastpath.C is not None:
                 assert fastpath.C.pack_records(*args) == want
@@ -248,17 +262,51 @@ def batch(data: bytes) -> None:
 
 # -- parse --------------------------------------------------------------------
 
+_PORT_TYPES = ("", "internal", "vxlan", "gre", "geneve", "stt")
+
+
 def parse(data: bytes) -> None:
+    """Input: observation point, direction, ports, which of them OVSDB
+    knows (name, type), a tunnel, then the frame."""
     r = Reader(data)
     point = r.u32()
-    direction = r.choice((t.INGRESS, t.EGRESS))
+    egress = r.u8() & 1
+    direction = t.EGRESS if egress else t.INGRESS
     in_port, out_port = r.u32(), r.u32()
-    fk = packet.parse(r.rest(), point, direction, in_port, out_port)
+    flags = r.u8()
+    ports = {}
+    for port, bit in ((in_port, 1), (out_port, 2)):
+        if flags & bit:
+            ports[port] = interfaces.Interface(
+                port, _text(r), r.u32(), r.u32(), _text(r),
+                r.choice(_PORT_TYPES))
+    tunnel = None
+    if flags & 4:
+        v6 = flags & 8
+        addr = 16 if v6 else 4
+        tunnel = upcall.Tunnel(r.take(addr).ljust(addr, b"\0"),
+                               r.take(addr).ljust(addr, b"\0"), r.u16(),
+                               r.u16(), r.u32() << 32 | r.u32(), r.u8())
+    iface = interfaces.iface_part(ports, in_port,
+                                  out_port if egress else None, egress)
+    tpart = interfaces.tunnel_part(
+        ports.get(out_port if egress else in_port), tunnel)
+    fk = packet.parse(r.rest(), point, direction, iface, tpart)
     tmpl = t.get(fk.template_id)
-    assert len(fk.key) == tmpl.key_length, (fk, tmpl)
     assert fk.kind in (packet.OTHER, packet.IPV4_OK, packet.IPV6_OK,
                        packet.IPV4_ERR, packet.IPV6_ERR)
     assert 0 <= fk.tcp_flags <= 0xFFFF
+    assert fk.key.endswith(tpart)
+    # The key is exactly one record's key part of its template: walk
+    # its fields (variable-length ones carry a 1-byte length).
+    pos = 0
+    for _, length in tmpl.key_fields:
+        if length == t.VARIABLE:
+            assert pos < len(fk.key) and fk.key[pos] < 255, (fk, tmpl)
+            pos += 1 + fk.key[pos]
+        else:
+            pos += length
+    assert pos == len(fk.key), (fk, tmpl)
 
 
 # -- config -------------------------------------------------------------------
@@ -328,8 +376,16 @@ def seeds(name: str):
     frames, _ = tr.traffic_mix(seed=11, flows_per_kind=1)
     frames = [f for f in frames if len(f) < 1600]
     if name == "parse":
-        head = struct.pack("!IBII", 7, t.INGRESS, 1, 2)
-        return [head + f for f in frames]
+        plain = struct.pack("!IBIIB", 7, 0, 1, 2, 0)
+        named = struct.pack("!IBIIB", 7, 1, 1, 2, 3) + (
+            b"\x02p1" + struct.pack("!II", 5, 6) + b"\x00" + b"\x00"
+            + b"\x02p2" + struct.pack("!II", 7, 6) + b"\x04eth2" + b"\x02")
+        tunnelled = struct.pack("!IBIIB", 7, 0, 1, 2, 5) + (
+            b"\x02t1" + struct.pack("!II", 5, 6) + b"\x00" + b"\x02"
+            + bytes((10, 0, 0, 1, 10, 0, 0, 2)) + struct.pack(
+                "!HHIIB", 4789, 4789, 0, 77, 4))
+        return ([plain + f for f in frames] + [named + f for f in frames[:5]]
+                + [tunnelled + f for f in frames[:5]])
     if name == "decode":
         out = []
         ups = [BridgeSample("br0", 1, None, UINT32_MAX, f, len(f))

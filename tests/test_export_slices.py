@@ -14,7 +14,7 @@ from support.inputs import bridge_options
 
 from ovs_ipfix_py import exporter as exporter_mod
 from ovs_ipfix_py.exporter import Exporter
-from ovs_ipfix_py.flowcache import ACTIVE_TIMEOUT, FORCED_END
+from ovs_ipfix_py.flowcache import ACTIVE_TIMEOUT, FORCED_END, IDLE_TIMEOUT
 from ovs_ipfix_py.options import UINT32_MAX, CacheOptions
 from ovs_ipfix_py.reconcile import Reconciler
 from ovs_ipfix_py.upcall import BridgeSample
@@ -225,3 +225,28 @@ def test_close_at_exit_sends_everything_at_once(one_slice_per_run):
         assert exp.stats.records == N + 5
         got = record_keys(c, exp.stats.tx_pkts)
     assert len(got) == N + 5
+
+
+def test_idle_burst_sliced_reason_kept(one_slice_per_run):
+    """N flows go idle together (one bucket of the idle wheel): each
+    run() takes one slice of the bucket, the rest of it stays due, all
+    leave as idle timeout, in order."""
+    with UdpCollector() as c:
+        exp = Exporter(bridge_options(
+            [c.target], cache=CacheOptions(3600, 1 << 20, idle_timeout=5)),
+            0.0)
+        try:
+            exp.sample_bridge_batch(samples(N), 1.0)
+            keys = cached_keys(exp)
+            per_run = []
+            while len(exp.cache):
+                before = exp.stats.records
+                exp.run(6.5)
+                per_run.append(exp.stats.records - before)
+                assert len(per_run) < 100
+            assert per_run == [SLICE] * (N // SLICE) + [N % SLICE]
+            got = record_keys(c, exp.stats.tx_pkts)
+        finally:
+            exp.close(12.0)
+    assert in_order(k for k, _ in got) == in_order(keys)
+    assert {r for _, r in got} == {IDLE_TIMEOUT}

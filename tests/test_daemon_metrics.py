@@ -16,8 +16,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from test_daemon import Env, bridge_ipfix, flow_ipfix, sample
+from support.daemon import Env, bridge_ipfix, flow_ipfix, sample, scrape
 from traffic import traffic_mix
 
 from ovs_ipfix_py import upcall
@@ -32,21 +31,6 @@ from ovs_ipfix_py.metrics import (
 def env(ovsdb):
     with Env(ovsdb) as e:
         yield e
-
-
-def scrape(url):
-    """GET ``url``: {(metric sample name, frozenset(labels)): value}."""
-    with urllib.request.urlopen(url, timeout=10) as r:
-        assert r.status == 200
-        assert r.headers["Content-Type"].startswith("text/plain")
-        text = r.read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key = (s.name, frozenset(s.labels.items()))
-            assert key not in out, key
-            out[key] = s.value
-    return out
 
 
 def value(metrics, name, **labels):

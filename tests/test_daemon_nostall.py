@@ -17,8 +17,8 @@ import threading
 import time
 
 import pytest
-from test_daemon import Env, bridge_ipfix, replay_ok, sample
-from test_daemon_metrics import scrape as scrape_all
+from support.daemon import Env, bridge_ipfix, replay_ok, sample
+from support.daemon import scrape as scrape_all
 from traffic import IPPROTO_UDP, build_frame, many_flows
 
 from ovs_ipfix_py import upcall

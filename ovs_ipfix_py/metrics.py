@@ -314,6 +314,10 @@ class DaemonCollector:
         yield GaugeMetricFamily("ovs_ipfix_exporters",
                                 "Exporters running.",
                                 value=len(exporters))
+        yield GaugeMetricFamily(
+            "ovs_ipfix_exporters_retiring",
+            "Removed exporters still sending their last flows.",
+            value=len(d.reconciler.retiring))
         yield GaugeMetricFamily("ovs_ipfix_exporters_failed",
                                 "Exporters that failed to build and wait "
                                 "for a retry.",

@@ -150,26 +150,32 @@ def test_failing_growth_leaves_cache_consistent(c):
 
 @needs_c
 def test_exception_from_the_callback_inside_the_c_loop():
-    """heads_for (Python, called from C per port pair) raises: the
-    exception comes out of the C loop, references and the cache are
-    intact, and the next call works."""
+    """_iface_part (Python, called from C when the port pair changes)
+    starts raising: the C loop hands that sample to the general path,
+    whose own call raises, so the exception comes out of the batch;
+    references and the cache are intact, and the next call works."""
     samples = batch()
     exp = Exporter(bridge_options(), 0.0)
     try:
-        real = exp._heads_for
+        real = exp._iface_part
         calls = []
 
-        def failing(in_port, out_port):
+        def failing(in_port, out_port, direction):
             calls.append((in_port, out_port))
-            if len(calls) == 5:
+            if len(calls) >= 3:
                 raise RuntimeError("injected")
-            return real(in_port, out_port)
+            return real(in_port, out_port, direction)
 
-        exp._heads_for = failing
+        # The C loop takes its callbacks from the parameters the options
+        # derive: rebuild them around the failing one.
+        exp._iface_part = failing
+        exp._derive_params()
         with pytest.raises(RuntimeError):
             exp.sample_bridge_batch(samples, 1.0)
+        assert len(calls) > 3     # the C loop's call, then the general path's
         check_consistent(exp.cache)
-        del exp._heads_for
+        del exp._iface_part
+        exp._derive_params()
         still_works(exp, samples)
     finally:
         exp.close(10.0)

@@ -340,13 +340,21 @@ def main(argv=None):
             say("RSS grew more than %d %%" % (args.rss_slack * 100))
             ok = False
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        collector.stop()
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        # Each step on its own: one that fails must not leave the
+        # others' processes running.
+        try:
+            if daemon is not None and daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+        finally:
+            try:
+                collector.stop()
+            finally:
+                try:
+                    if server is not None:
+                        server.cleanup()
+                finally:
+                    shutil.rmtree(workdir, ignore_errors=True)
     say("soak %s" % ("passed" if ok else "FAILED"))
     return 0 if ok else 1
 

@@ -1408,6 +1408,7 @@ struct inserter {
     int loaded;
     PyObject *free;                 /* owned: cache._free (a list) */
     PyObject *order_append;         /* owned: cache.order.append */
+    PyObject *order_pop;            /* owned: cache.order.pop */
     PyObject *idle_tail;            /* owned: a list, or NULL */
     Py_ssize_t next_slot, capacity, max_flows, idle_timeout;
     double idle_step, idle_tail_b;
@@ -1418,6 +1419,7 @@ inserter_clear(struct inserter *ins)
 {
     Py_CLEAR(ins->free);
     Py_CLEAR(ins->order_append);
+    Py_CLEAR(ins->order_pop);
     Py_CLEAR(ins->idle_tail);
     ins->loaded = 0;
 }
@@ -1455,12 +1457,13 @@ inserter_load(struct inserter *ins, PyObject *cache)
         return -1;
     }
     ins->order_append = PyObject_GetAttrString(order, "append");
+    ins->order_pop = PyObject_GetAttrString(order, "pop");
     Py_DECREF(order);
     ins->next_slot = attr_ssize(cache, "_next_slot");
     ins->capacity = attr_ssize(cache, "_capacity");
     ins->max_flows = attr_ssize(cache, "max_flows");
     ins->idle_timeout = attr_ssize(cache, "idle_timeout");
-    if (!ins->order_append || PyErr_Occurred()) {
+    if (!ins->order_append || !ins->order_pop || PyErr_Occurred()) {
         inserter_clear(ins);
         return -1;
     }
@@ -1501,7 +1504,48 @@ inserter_load(struct inserter *ins, PyObject *cache)
     return 0;
 }
 
-/* 1: inserted; 0: not the simple case (call _insert); -1: error. */
+/* Undo a half-done insert_new after an error (the exception is kept):
+ * the key leaves the order (appended last), with ``in_tail`` the idle
+ * wheel's tail bucket (appended last), with ``in_index`` the index (the
+ * FlowIndex ``fi`` when the cache has one, else the dict).  A
+ * failing allocation half-way leaves the cache as it was. */
+static void
+insert_undo(struct inserter *ins, PyObject *index, FlowIndex *fi,
+            const struct taken *t, int in_tail, int in_index)
+{
+    PyObject *type, *value, *tb, *r;
+
+    PyErr_Fetch(&type, &value, &tb);
+    if (in_index) {
+        if (fi) {
+            Py_ssize_t b = fi_find(fi, t->key, t->hash);
+
+            if (b >= 0) {
+                fi_remove_bucket(fi, (size_t) b);
+            }
+        } else if (PyDict_DelItem(index, t->key) < 0) {
+            PyErr_Clear();
+        }
+    }
+    if (in_tail) {
+        Py_ssize_t n = PyList_GET_SIZE(ins->idle_tail);
+
+        if (PyList_SetSlice(ins->idle_tail, n - 1, n, NULL) < 0) {
+            PyErr_Clear();
+        }
+    }
+    r = PyObject_CallNoArgs(ins->order_pop);
+    if (!r) {
+        PyErr_Clear();
+    }
+    Py_XDECREF(r);
+    PyErr_Restore(type, value, tb);
+}
+
+/* 1: inserted; 0: not the simple case (call _insert); -1: error, the
+ * cache unchanged.  The steps that can fail come first (order, idle
+ * tail, index, then the slot's bookkeeping), each undone if a later one
+ * fails, as FlowCache._insert does. */
 static int
 insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
            const struct arrays *a, const struct taken *t, double now)
@@ -1509,7 +1553,7 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
     Py_ssize_t nfree, slot;
     PyObject *slot_o, *r;
     FlowIndex *fi;
-    int from_free;
+    int from_free, in_tail;
 
     if (!ins->loaded && inserter_load(ins, cache) < 0) {
         return -1;
@@ -1547,14 +1591,28 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
         }
         return -1;
     }
+    r = PyObject_CallOneArg(ins->order_append, t->key);
+    if (!r) {
+        Py_DECREF(slot_o);
+        return -1;
+    }
+    Py_DECREF(r);
+    in_tail = ins->idle_timeout != 0;
+    if (in_tail && PyList_Append(ins->idle_tail, t->key) < 0) {
+        Py_DECREF(slot_o);
+        insert_undo(ins, index, fi, t, 0, 0);
+        return -1;
+    }
     if (fi ? fi_insert(fi, t->key, t->hash, slot) < 0
            : PyDict_SetItem(index, t->key, slot_o) < 0) {
         Py_DECREF(slot_o);
+        insert_undo(ins, index, fi, t, in_tail, 0);
         return -1;
     }
     Py_DECREF(slot_o);
     if (from_free) {
         if (PyList_SetSlice(ins->free, nfree - 1, nfree, NULL) < 0) {
+            insert_undo(ins, index, fi, t, in_tail, 1);
             return -1;
         }
     } else {
@@ -1564,46 +1622,11 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
 
         Py_XDECREF(next);
         if (e < 0) {
+            insert_undo(ins, index, fi, t, in_tail, 1);
             return -1;
         }
         ins->next_slot = slot + 1;
     }
-    r = PyObject_CallOneArg(ins->order_append, t->key);
-    if (!r) {
-        /* Undo, so the cache stays as it was (the index and the order
-         * hold the same flows). */
-        PyObject *et, *ev, *tb;
-
-        PyErr_Fetch(&et, &ev, &tb);
-        if (fi) {
-            Py_ssize_t b = fi_find(fi, t->key, t->hash);
-
-            if (b >= 0) {
-                fi_remove_bucket(fi, (size_t) b);
-            }
-        } else if (PyDict_DelItem(index, t->key) < 0) {
-            PyErr_Clear();
-        }
-        if (from_free) {
-            PyObject *so = PyLong_FromSsize_t(slot);
-
-            if (!so || PyList_Append(ins->free, so) < 0) {
-                PyErr_Clear();
-            }
-            Py_XDECREF(so);
-        } else {
-            PyObject *so = PyLong_FromSsize_t(slot);
-
-            if (!so || PyObject_SetAttrString(cache, "_next_slot", so) < 0) {
-                PyErr_Clear();
-            }
-            Py_XDECREF(so);
-            ins->next_slot = slot;
-        }
-        PyErr_Restore(et, ev, tb);
-        return -1;
-    }
-    Py_DECREF(r);
     {
         double *times = (double *) a->views[TIMES].buf + slot * 2;
         uint64_t *c = (uint64_t *) a->views[COUNTERS].buf + slot * 4;
@@ -1618,11 +1641,6 @@ insert_new(struct inserter *ins, PyObject *cache, PyObject *index,
         m[0] = m[1] = (uint32_t) t->ip_len;
         m[2] = t->tcp_flags;
     }
-    /* The wheel's tail bucket (a failure here leaves the flow to the
-     * active timeout alone, its aggregates whole). */
-    if (ins->idle_timeout && PyList_Append(ins->idle_tail, t->key) < 0) {
-        return -1;
-    }
     return 1;
 }
 
@@ -1631,7 +1649,7 @@ enum { S_PKTS, S_IPV4_OK, S_IPV6_OK, S_IPV4_ERRS, S_IPV6_ERRS, S_ERRS,
        S_FLOWS, S_DROPPED, S_COUNT };
 static const char *const stat_names[S_COUNT] = {
     "pkts", "ipv4_ok", "ipv6_ok", "ipv4_errs", "ipv6_errs", "errs",
-    "flows", "dropped_samples",
+    "flows", "dropped_disabled",
 };
 
 static void
@@ -1727,7 +1745,7 @@ sample_batch(PyObject *self, PyObject *args)
     struct batch_state st;
     struct arrays arr = {{NULL, NULL, NULL}, {{0}}, 0};
     struct taken g[GROUP];
-    struct inserter ins = {0, NULL, NULL, NULL, 0, 0, 0, 0, 0.0, 0.0};
+    struct inserter ins = {0, NULL, NULL, NULL, NULL, 0, 0, 0, 0, 0.0, 0.0};
     PyObject *tcp_end = NULL;
     Py_ssize_t i = 0, n, delta[S_COUNT] = {0};
     Py_buffer tids = {0};

@@ -8,8 +8,13 @@ One process, one thread, one ``ovs.poller`` loop in the OVS manner::
         channel.run()           # upcalls -> exporters' caches
         exporter.run(now)       # expire, export, refresh templates
         unixctl.run()           # ovs-appctl commands
+        metrics.run()           # --metrics: Prometheus scrapes
         ...wait() on each, a timer for the earliest exporter deadline
         poller.block()
+
+Each iteration's work (blocking excluded) is timed into a histogram
+(``metrics.LoopStats``), and so is the work between one channel read and
+the next (blocking excluded again): how long a queued datagram waits.
 
 Nothing polls on a fixed tick: the IDL's socket, the channel's socket,
 the unixctl socket, the signal pipe and the exporters' next deadlines
@@ -43,6 +48,12 @@ import ovs.vlog
 from ovs_ipfix_py import __version__, fastpath
 from ovs_ipfix_py.channel import ChannelServer
 from ovs_ipfix_py.config import ConfigReader
+from ovs_ipfix_py.metrics import (
+    LoopStats,
+    MetricsAddressError,
+    MetricsServer,
+    parse_address,
+)
 from ovs_ipfix_py.ratelimit import RateLimitedLog
 from ovs_ipfix_py.reconcile import Reconciler
 from ovs_ipfix_py.transport import tls
@@ -74,11 +85,20 @@ class Daemon:
                  clock=time.time):
         self.clock = clock
         self.config = ConfigReader(db)
-        self.reconciler = Reconciler()
+        # Flushes and removed exporters are sent a slice at a time
+        # (Exporter.flush): the loop goes back to the channel between.
+        self.reconciler = Reconciler(sliced=True)
         self.channel = ChannelServer(channel_path, self.handle_upcalls)
         self.exiting = False
         self.exit_reason = None
         self.unmatched_samples = 0
+        self.loop = LoopStats()
+        #: Seconds the loop spent blocked in poll since the last channel
+        #: read (the main loop adds them): not part of a read gap.
+        self.blocked = 0.0
+        self._read_end: Optional[float] = None
+        self._read_end_cpu = 0.0
+        self.metrics: Optional[MetricsServer] = None
         self._signal_r = None
         self.reopen_requested = False
 
@@ -134,13 +154,23 @@ class Daemon:
         elif self.reconciler.retry(self.clock()):
             # Exporters that failed to build (EMFILE, say) are retried.
             self.set_ports()
+        t0 = time.perf_counter()
+        cpu0 = time.thread_time()
+        if self._read_end is not None:
+            self.loop.read_gap.observe(t0 - self._read_end - self.blocked)
+            self.loop.read_gap_cpu.observe(cpu0 - self._read_end_cpu)
         self.channel.run(self.clock)
+        self._read_end = time.perf_counter()
+        self._read_end_cpu = time.thread_time()
+        self.blocked = 0.0
         if self.reopen_requested:
             self.reopen_requested = False
             self.reopen()
         now = self.clock()
         for exp in list(self.reconciler.exporters.values()):
             exp.run(now)
+        if self.reconciler.retiring:
+            self.reconciler.run_retiring(now)
 
     def set_ports(self) -> None:
         """Every exporter gets its bridge's ports as OVSDB has them: ports
@@ -156,9 +186,13 @@ class Daemon:
             poller.fd_wait(self._signal_r, ovs.poller.POLLIN)
         for exp in self.reconciler.exporters.values():
             exp.wait(poller)
+        for exp in self.reconciler.retiring:
+            exp.wait(poller)
         deadlines = [d for d in (e.next_deadline() for e in
                                  self.reconciler.exporters.values())
                      if d is not None]
+        if self.reconciler.retiring:
+            deadlines.append(float("-inf"))
         retry = self.reconciler.next_retry()
         if retry is not None:
             deadlines.append(retry)
@@ -175,7 +209,7 @@ class Daemon:
         n = 0
         for exp in self.reconciler.exporters.values():
             if bridge is None or exp.options.bridge == bridge:
-                n += exp.flush(now)
+                n += exp.flush(now, sliced=True)
         return n
 
     def reopen(self) -> int:
@@ -204,6 +238,9 @@ class Daemon:
         out.append("ovsdb: %s" % ("connected" if self.config.connected
                                   else "not connected"))
         out.append("fast path: %s" % fastpath.name())
+        out.append(self.loop.format())
+        if self.metrics is not None:
+            out.append("metrics: %s" % self.metrics.url)
         return "\n".join(out) + "\n"
 
     def shutdown(self) -> None:
@@ -212,6 +249,8 @@ class Daemon:
         self.reconciler.close(now)
         self.channel.close()
         self.config.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     # -- signals ----------------------------------------------------------
 
@@ -280,6 +319,9 @@ def parse_args(argv=None):
     parser.add_argument("--channel", default=None,
                         help="upcall channel socket path (default: %s)"
                         % default_channel())
+    parser.add_argument("--metrics", metavar="[ADDR:]PORT", default=None,
+                        help="serve Prometheus metrics on http://ADDR:PORT/"
+                        "metrics (ADDR default 127.0.0.1; off by default)")
     parser.add_argument("--unixctl", default=None,
                         help="control socket path (default: $OVS_RUNDIR/"
                         "%s.PID.ctl)" % PROGRAM)
@@ -334,6 +376,12 @@ def main(argv=None) -> int:
     # tls: targets present our certificate and check the collector's
     # against the CA (ovs_ipfix_py.transport.tls).
     tls.configure(args.private_key, args.certificate, args.ca_cert)
+    metrics_at = None
+    if args.metrics is not None:
+        try:
+            metrics_at = parse_address(args.metrics)
+        except MetricsAddressError as e:
+            ovs.util.ovs_fatal(0, "--metrics: %s" % e, vlog)
     ovs.daemon.daemonize_start()
 
     error, unixctl = ovs.unixctl.server.UnixctlServer.create(
@@ -345,6 +393,13 @@ def main(argv=None) -> int:
         d = Daemon(db, args.channel or default_channel())
     except OSError as e:
         ovs.util.ovs_fatal(e.errno or 0, "cannot start: %s" % e, vlog)
+    if metrics_at is not None:
+        try:
+            d.metrics = MetricsServer(d, *metrics_at)
+        except OSError as e:
+            ovs.util.ovs_fatal(e.errno or 0, "--metrics: cannot listen on "
+                               "%s port %d: %s" % (*metrics_at, e), vlog)
+        vlog.info("metrics on %s" % d.metrics.url)
     _register_commands(d)
     d.install_signal_handlers()
     ovs.daemon.daemonize_complete()
@@ -352,15 +407,25 @@ def main(argv=None) -> int:
               % (PROGRAM, __version__, db, args.channel or default_channel()))
     tune_gc()
 
+    loop = d.loop
+    clock = time.perf_counter
     while not d.exiting:
+        t0 = clock()
         d.run_once()
         unixctl.run()
+        if d.metrics is not None:
+            d.metrics.run()
+        loop.iteration.observe(clock() - t0)
         if d.exiting:
             break
         poller = ovs.poller.Poller()
         d.wait(poller)
         unixctl.wait(poller)
+        if d.metrics is not None:
+            d.metrics.wait(poller)
+        t0 = clock()
         poller.block()
+        d.blocked += clock() - t0
         d.drain_signal_pipe()
 
     vlog.info("exiting (%s): flushing every cache" % d.exit_reason)

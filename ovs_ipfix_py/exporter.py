@@ -7,6 +7,18 @@ OVS.  Samples go in with ``sample_bridge()`` / ``sample_flow()``;
 exporter statistics on their intervals; ``next_deadline()`` says when
 ``run`` next has work, so a poll loop can sleep until exactly then.
 
+An export never holds the caller's loop for long, whatever the cache
+holds: flows that leave (a flush, an expiry burst, a full cache) wait in
+a queue, in order, and ``run`` sends them a slice at a time
+(``EXPORT_SLICE`` flows) for at most ``EXPORT_BUDGET`` s per call;
+``next_deadline`` says "now" while anything waits, so a poll loop reads
+its channel between two slices.  A flush detaches the whole cache (a new
+empty one takes the samples that follow) and sends the detached flows
+from it, a slice at a time, as forced end; flows that leave keep the
+flowEndReason they left with, however late their slice goes.  Queued
+flows go to the collectors, writer and virtualObsID encoding of the
+time they were cached under (an option change flushes first).
+
 All times are seconds (float) on one clock passed in as ``now``: the
 caller's wall clock, since the IPFIX header carries wall-clock export
 time.  Deadlines are computed and waited on that same clock (OVS
@@ -18,7 +30,9 @@ from __future__ import annotations
 
 import collections
 import struct
+import time
 import zlib
+from collections import deque
 from typing import Dict, List, Optional
 
 from ovs_ipfix_py import fastpath, flowcache, interfaces, message, packet
@@ -49,6 +63,11 @@ _AGG_LAYOUT = {
     (True, True): struct.Struct("!QQQQBQQQQH").pack,
 }
 _STATS_RECORD = struct.Struct("!IQQQ")
+#: Flows taken, packed and sent per slice of an export.
+EXPORT_SLICE = 2048
+#: Seconds one run() (or a sliced flush) may spend sending slices (at
+#: least one slice goes): then the loop reads its channel again.
+EXPORT_BUDGET = 0.02
 _BFD_PORTS = (3784, 3785)
 #: Bounds on the key-part caches (port pairs, tunnel values): a cache
 #: past its bound is emptied and refilled, so garbage port numbers or a
@@ -75,16 +94,20 @@ class ExporterStats:
     ``tx_errs``: messages sent/failed, per collector (a TCP, TLS or
     file target counts a message it queued as sent, and one it loses
     later as failed).  Beyond OVS:
-    ``records`` exported, the RFC 7011 section 4.3 not-sent totals, and
+    ``records`` exported, the RFC 7011 section 4.3 not-sent totals,
     flows exported by flowEndReason (``ended_idle``, ``ended_active``,
-    ``ended_eof``, ``ended_forced``, ``ended_lack``).
+    ``ended_eof``, ``ended_forced``, ``ended_lack``), and samples
+    dropped before the cache: ``dropped_disabled`` (their direction's
+    enable-input/output-sampling is false), ``dropped_bad_probability``
+    (a flow sample with probability 0).
     """
 
     __slots__ = ("flows", "current_flows", "pkts", "ipv4_ok", "ipv6_ok",
                  "tx_pkts", "errs", "ipv4_errs", "ipv6_errs", "tx_errs",
                  "records", "not_sent_flows", "not_sent_packets",
-                 "not_sent_octets", "dropped_samples", "ended_idle",
-                 "ended_active", "ended_eof", "ended_forced", "ended_lack")
+                 "not_sent_octets", "dropped_disabled",
+                 "dropped_bad_probability", "ended_idle", "ended_active",
+                 "ended_eof", "ended_forced", "ended_lack")
 
     #: flowEndReason (1..5) -> its counter, and how show() names it.
     ENDED = {1: ("ended_idle", "idle timeout"),
@@ -124,6 +147,62 @@ class ExporterStats:
                 setattr(self, name[0], getattr(self, name[0]) + n)
 
 
+class _Sink:
+    """Where queued flows go: the message writer, collectors and
+    virtualObsID encoding of the options they were cached under.
+    ``retired``: the options have moved on to other collectors; once
+    its last queued flow is sent, these send statistics and close."""
+
+    __slots__ = ("writer", "collectors", "vobs", "vobs_offset", "retired")
+
+    def __init__(self, writer, collectors, vobs, vobs_offset):
+        self.writer = writer
+        self.collectors = collectors
+        self.vobs = vobs
+        self.vobs_offset = vobs_offset
+        self.retired = False
+
+
+class _Expired:
+    """Flows that left the cache, waiting to be sent, in order."""
+
+    __slots__ = ("sink", "flows", "pos")
+
+    def __init__(self, sink: _Sink, flows: list):
+        self.sink = sink
+        self.flows = flows
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return len(self.flows) - self.pos
+
+    def take(self, n: int) -> list:
+        out = self.flows[self.pos:self.pos + n]
+        self.pos += len(out)
+        return out
+
+
+class _Flushed:
+    """A cache detached by a flush: its flows leave as forced end, in
+    start order, a slice at a time (``FlowCache.take_oldest``), and its
+    memory with them (freeing a million flows at once takes longer than
+    a slice)."""
+
+    __slots__ = ("sink", "cache")
+
+    def __init__(self, sink: _Sink, cache: flowcache.FlowCache):
+        self.sink = sink
+        self.cache = cache
+        cache.detach()
+
+    def __len__(self) -> int:
+        # (What take_oldest can take: the order, not the index.)
+        return len(self.cache.order)
+
+    def take(self, n: int) -> list:
+        return self.cache.take_oldest(n, flowcache.FORCED_END)
+
+
 class Exporter:
     """An IPFIX exporter for one bridge or one flow collector set."""
 
@@ -140,16 +219,21 @@ class Exporter:
         self.writer = message.MessageWriter(
             min(options.export.max_message_size, MAX_UDP_PAYLOAD),
             options.export.template_interval)
-        cache_opts = options.export.cache
-        self.cache = flowcache.FlowCache(
-            cache_opts.active_timeout, cache_opts.max_flows,
-            idle_timeout=cache_opts.idle_timeout,
-            tcp_end_of_flow=cache_opts.tcp_end_of_flow)
+        self.cache = self._new_cache()
+        #: Flows waiting to be sent, oldest first (_Expired, _Flushed).
+        self._queue = deque()
         self.next_stats = now + options.export.stats_interval
         #: {OpenFlow port: interfaces.Interface} of the bridge (OVSDB),
         #: set by set_ports(); unknown ports export what OVS exports.
         self.ports: interfaces.Ports = {}
         self._derive_params()
+
+    def _new_cache(self) -> flowcache.FlowCache:
+        cache_opts = self.options.export.cache
+        return flowcache.FlowCache(
+            cache_opts.active_timeout, cache_opts.max_flows,
+            idle_timeout=cache_opts.idle_timeout,
+            tcp_end_of_flow=cache_opts.tcp_end_of_flow)
 
     # -- configuration ----------------------------------------------------
 
@@ -182,6 +266,8 @@ class Exporter:
             raw = vobs.encode("utf-8")[:254]
             self._vobs = bytes((len(raw),)) + raw
             self._vobs_offset = t.VIRTUAL_OBS_OFFSET
+        self._sink = _Sink(self.writer, self.collectors, self._vobs,
+                           self._vobs_offset)
 
     def _forget_parts(self) -> None:
         self._heads = {}
@@ -232,23 +318,30 @@ class Exporter:
     def name(self) -> str:
         return self.options.name
 
-    def reconfigure(self, options, now: float) -> None:
+    def reconfigure(self, options, now: float, sliced: bool = False
+                    ) -> None:
         """Apply new options: first flush everything cached as forced end
         to the current collectors, then switch.  New sockets (and so new
         transport sessions, with sequence numbers from 0) only when the
-        targets changed; templates are sent afresh either way.
+        targets changed; templates are sent afresh either way.  With
+        ``sliced`` the flush is sent by the next run() calls, a slice at
+        a time (see ``flush``), to the collectors of the old options.
         """
         if options == self.options:
             return
-        self.flush(now)
+        self.flush(now, sliced)
         old = self.options.export
         new = options.export
         self.options = options
         if new.targets != old.targets:
             # These transport sessions end here: their last message is
-            # the exporting process statistics, as on close().
-            self._send_stats(now)
-            self.collectors.close()
+            # the exporting process statistics, as on close() -- after
+            # the flushed flows, when those wait in the queue.
+            if self._queue:
+                self._sink.retired = True
+            else:
+                self._send_stats(now)
+                self.collectors.close()
             self.collectors = self._collector_set(new, now)
             self.writer = message.MessageWriter(
                 min(new.max_message_size, MAX_UDP_PAYLOAD),
@@ -285,15 +378,27 @@ class Exporter:
         st.not_sent_octets += msg.octets
 
     def wait(self, poller) -> None:
-        """The transports' sockets (connecting, writing, EOF)."""
+        """The transports' sockets (connecting, writing, EOF), those
+        of retired collectors still sending queued flows included."""
         self.collectors.wait(poller)
+        for sink in self._retired_sinks():
+            sink.collectors.wait(poller)
+
+    def _retired_sinks(self) -> List[_Sink]:
+        """The retired sinks queued flows still go to (once each)."""
+        out = []
+        for item in self._queue:
+            if item.sink.retired and item.sink not in out:
+                out.append(item.sink)
+        return out
 
     def reopen(self) -> None:
         """File targets start a new file (log rotation)."""
         self.collectors.reopen()
 
     def close(self, now: float) -> None:
-        """Flush as forced end, send final statistics, close sockets."""
+        """Flush as forced end, send what waits and final statistics,
+        close sockets."""
         self.flush(now)
         self._send_stats(now)
         self.collectors.close()
@@ -315,12 +420,12 @@ class Exporter:
         o = self.options
         if output_port is None:
             if not o.enable_input_sampling:
-                self.stats.dropped_samples += 1
+                self.stats.dropped_disabled += 1
                 return
             direction = t.INGRESS
         else:
             if not o.enable_output_sampling:
-                self.stats.dropped_samples += 1
+                self.stats.dropped_disabled += 1
                 return
             direction = t.EGRESS
         if probability:
@@ -341,7 +446,7 @@ class Exporter:
         NX_ACTION_SAMPLE_*: 1 ingress, 2 egress, 0 by output port.
         """
         if probability <= 0:
-            self.stats.dropped_samples += 1
+            self.stats.dropped_bad_probability += 1
             log.warn("%s: flow sample with probability 0 dropped",
                      self.name)
             return
@@ -542,21 +647,47 @@ class Exporter:
 
     # -- export -----------------------------------------------------------
 
-    def flush(self, now: float) -> int:
-        """Export every cached flow as forced end; returns how many."""
-        n = self.cache.flush(now)
-        self._export_expired(now)
+    def flush(self, now: float, sliced: bool = False) -> int:
+        """Export every cached flow as forced end; returns how many.
+
+        The cache is detached and a new one takes the samples that
+        follow.  Without ``sliced`` everything waiting is sent before
+        this returns; with it, the flows are sent by the next ``run``
+        calls, a slice at a time, after what already waited.
+        """
+        n = len(self.cache)
+        self._queue_expired()
+        if n:
+            self._queue.append(_Flushed(self._sink, self.cache))
+            self.cache = self._new_cache()
+        self.stats.current_flows = 0
+        if not sliced:
+            self._send_queued(now, None)
         return n
 
     def run(self, now: float) -> None:
-        """Expire what is due, send it; template refresh; statistics."""
+        """Expire what is due, send it (at most about ``EXPORT_BUDGET``
+        s of it; the rest on the next call); template refresh;
+        statistics."""
         if self.collectors.retry(now):
             # A collector joined: every template goes out again, before
             # the next data, so it never sees data it cannot decode.
             self.writer.forget_templates()
         self.collectors.run(now)
-        self.cache.expire(now)
-        self._export_expired(now)
+        for sink in self._retired_sinks():
+            sink.collectors.run(now)
+        deadline = time.perf_counter() + EXPORT_BUDGET
+        self._queue_expired()
+        sent = self._send_queued(now, deadline)
+        # New expiries once the queue is empty, a slice at a time: a
+        # burst of due flows is taken no faster than it is sent.
+        while not self._queue and (not sent
+                                   or time.perf_counter() < deadline):
+            n = self.cache.expire(now, EXPORT_SLICE)
+            self._queue_expired()
+            sent += self._send_queued(now, deadline)
+            if n < EXPORT_SLICE:
+                break
         for domain in self.writer.refresh_due(now):
             for msg in self.writer.template_messages(domain, now):
                 self._send(msg)
@@ -565,21 +696,58 @@ class Exporter:
             self.next_stats = now + self.options.export.stats_interval
         self.stats.current_flows = len(self.cache)
 
+    def backlog(self) -> int:
+        """Flows that left the cache (or a flush took) and are not sent
+        yet."""
+        return len(self.cache.expired) + sum(map(len, self._queue))
+
+    def idle(self) -> bool:
+        """Nothing waits to be sent."""
+        return not self._queue and not self.cache.expired
+
     def next_deadline(self) -> Optional[float]:
         """When ``run`` next has timed work (s, same clock as ``now``)."""
         times = [x for x in (self.cache.next_deadline(),
                              self.writer.next_refresh(), self.next_stats,
                              self.collectors.next_retry())
                  if x is not None]
-        if self.cache.expired:
+        if self.cache.expired or self._queue:
             return float("-inf")
         return min(times) if times else None
 
-    def _export_expired(self, now: float) -> None:
-        flows = self.cache.take_expired()
+    def _queue_expired(self) -> None:
+        """What left the cache joins the queue (behind a flush)."""
+        if self.cache.expired:
+            self._queue.append(_Expired(self._sink,
+                                        self.cache.take_expired()))
         self.stats.current_flows = len(self.cache)
-        if not flows:
-            return
+
+    def _send_queued(self, now: float, deadline: Optional[float]) -> int:
+        """Send queued flows a slice at a time, oldest first, until the
+        queue is empty or ``time.perf_counter()`` passes ``deadline``
+        (None: no limit); at least one slice.  Returns how many."""
+        queue = self._queue
+        n = 0
+        while queue:
+            n += 1
+            item = queue[0]
+            flows = item.take(EXPORT_SLICE)
+            if not len(item):
+                queue.popleft()
+            if flows:
+                self._send_flows(flows, now, item.sink)
+            sink = item.sink
+            if (sink.retired and not len(item)
+                    and not any(i.sink is sink for i in queue)):
+                # Its last flows are out: end those transport sessions.
+                self._send_stats(now, sink)
+                sink.collectors.close()
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
+        return n
+
+    def _send_flows(self, flows, now: float, sink: _Sink) -> None:
+        """Pack and send ``flows`` (in order) through ``sink``."""
         # Flows grouped by their key's first 6 bytes (domain, template
         # id) and its length, in expiry order within each group: the
         # variable-length fields (interface names, tunnel key) make
@@ -587,7 +755,7 @@ class Exporter:
         # holds records of one length.
         groups, reasons = (fastpath.C.group_expired if fastpath.C
                            else group_expired)(flows)
-        vobs, vobs_offset = self._vobs, self._vobs_offset
+        vobs, vobs_offset = sink.vobs, sink.vobs_offset
         pack = fastpath.C.pack_records if fastpath.C else pack_records
         by_domain: Dict[int, List] = {}
         for (prefix, _), group in groups.items():
@@ -604,21 +772,25 @@ class Exporter:
         self.stats.records += len(flows)
         self.stats.count_ended(reasons)
         for domain, tgroups in by_domain.items():
-            for msg in self.writer.data_messages(domain, now, tgroups):
-                self._send(msg)
+            for msg in sink.writer.data_messages(domain, now, tgroups):
+                self._send(msg, sink.collectors)
 
-    def _domains(self) -> List[int]:
-        domains = list(self.writer.domains)
+    def _domains(self, writer) -> List[int]:
+        domains = list(writer.domains)
         if not domains and self.is_bridge:
             domains = [self.options.obs_domain_id]
         return domains
 
-    def _send_stats(self, now: float) -> None:
-        """Exporting process reliability statistics (RFC 7011 4.3).
+    def _send_stats(self, now: float, sink: Optional[_Sink] = None
+                    ) -> None:
+        """Exporting process reliability statistics (RFC 7011 4.3),
+        through ``sink`` (default: the current collectors).
 
         The options template goes in the same message, before its data,
         the first time in each domain (and on each template refresh).
         """
+        if sink is None:
+            sink = self._sink
         st = self.stats
         tmpl = t.exporter_stats_template()
         # unsigned64 totals: held at 2^64-1 once they pass it (one
@@ -627,18 +799,20 @@ class Exporter:
             self.exporting_process_id, min(st.not_sent_flows, U64_MAX),
             min(st.not_sent_packets, U64_MAX),
             min(st.not_sent_octets, U64_MAX))
-        for domain in self._domains():
-            for msg in self.writer.data_messages(
+        for domain in self._domains(sink.writer):
+            for msg in sink.writer.data_messages(
                     domain, now, [(tmpl.id, tmpl.record, [rec])],
                     options=True):
-                self._send(msg)
+                self._send(msg, sink.collectors)
 
-    def _send(self, msg: message.Message) -> None:
-        ok, err = self.collectors.send(msg)
+    def _send(self, msg: message.Message, collectors=None) -> None:
+        if collectors is None:
+            collectors = self.collectors
+        ok, err = collectors.send(msg)
         st = self.stats
         st.tx_pkts += ok
         st.tx_errs += err
-        if not len(self.collectors):
+        if not len(collectors):
             err = 1   # nowhere to send: the records are lost
         if err and msg.flows:
             st.not_sent_flows += err * msg.flows

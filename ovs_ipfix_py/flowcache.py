@@ -77,6 +77,9 @@ IDLE_STEP = 0.1
 TCP_END_LINGER = 1.0
 #: TCP flags that end a flow: FIN (0x01), RST (0x04).
 TCP_END_FLAGS = 0x05
+#: Flows one new flow may expire (due by a timeout) beyond the room it
+#: needs: a bound on the work one sample can cause.
+INSERT_EXPIRE_LIMIT = 1024
 
 U64_MAX = 0xFFFFFFFFFFFFFFFF
 U32_MAX = 0xFFFFFFFF
@@ -248,16 +251,28 @@ class FlowCache:
         """A new flow (the arguments as add()); expires what no longer
         fits.  Item by item, no temporaries: a cache filling with new
         flows spends its time here."""
-        if self._free:
-            slot = self._free.pop()
+        free = self._free
+        if free:
+            slot = free[-1]
         else:
             slot = self._next_slot
             if slot == self._capacity:
                 self._grow(max(1024, self._capacity))
-            self._next_slot = slot + 1
+        # What can fail (a MemoryError) first, undone if the next step
+        # fails: the index, the order and the slots stay consistent
+        # (_fastpath.c does the same).
+        order = self.order
+        order.append(key)
         index = self.index
-        index[key] = slot
-        self.order.append(key)
+        try:
+            index[key] = slot
+        except BaseException:
+            order.pop()
+            raise
+        if free:
+            free.pop()
+        else:
+            self._next_slot = slot + 1
         if self.idle_timeout:
             # (sample_batch in _fastpath.c does the same when the
             # bucket is the tail, else calls here.)
@@ -288,7 +303,11 @@ class FlowCache:
         small[m + 1] = ip_len
         small[m + 2] = tcp_flags
         if len(index) > self.max_flows:
-            self.expire(now)
+            # At most INSERT_EXPIRE_LIMIT flows (more only to make room):
+            # a burst of due flows leaves on the exporter's next run(), in
+            # slices, instead of holding up the sample that found it.
+            self.expire(now, max(INSERT_EXPIRE_LIMIT,
+                                 len(index) - self.max_flows))
 
     def set_rules(self, idle_timeout: int, tcp_end_of_flow: bool) -> None:
         """Switch the idle timeout (s, 0: off) and TCP end of flow.  A
@@ -333,20 +352,66 @@ class FlowCache:
             self._ending_at[key] = deadline
             self._ending.append((deadline, key))
 
-    def _take(self, key, slot: int, reason: int) -> None:
-        """Move the flow in ``slot`` to ``expired``; free the slot."""
-        del self.index[key]
+    def _record(self, key, slot: int, reason: int) -> ExpiredFlow:
+        """The flow in ``slot`` as it leaves (the cache is unchanged)."""
         t = slot << 1
         c = slot << 2
         m = slot * 3
         times = self.times
         counters = self.counters
         small = self.small
-        self.expired.append(ExpiredFlow(
+        return ExpiredFlow(
             key, times[t], times[t + 1], counters[c], counters[c + 1],
             counters[c + 2], counters[c + 3], small[m], small[m + 1],
-            small[m + 2], reason))
+            small[m + 2], reason)
+
+    def _take(self, key, slot: int, reason: int) -> None:
+        """Move the flow in ``slot`` to ``expired``; free the slot."""
+        del self.index[key]
+        self.expired.append(self._record(key, slot, reason))
         self._free.append(slot)
+
+    def take_oldest(self, limit: int, reason: int) -> List[ExpiredFlow]:
+        """Remove up to ``limit`` flows, oldest started first, with
+        ``reason``, and return them (``expired`` is not involved): how
+        the exporter sends a cache it has detached (a flush) a slice at
+        a time; the cache's memory goes with its flows, a slice at a
+        time too.  Only for a detached cache: the idle wheel and the
+        end-of-flow queue are not kept up to date (``detach`` drops
+        them).  (Records built in one C pass, ``expired_flows``, when
+        the extension is built.)"""
+        order = self.order
+        index = self.index
+        stale = self._order_stale
+        popleft = order.popleft
+        keys = []
+        take = keys.append
+        while order and len(keys) < limit:
+            key = popleft()
+            if stale and _skip_stale(stale, key):
+                self._n_order_stale -= 1
+                continue
+            take(key)
+        slots = list(map(index.pop, keys))
+        self._free.extend(slots)
+        if fastpath.C is not None:
+            out = fastpath.C.expired_flows(
+                ExpiredFlow, keys, slots, self.times, self.counters,
+                self.small, reason)
+        else:
+            record = self._record
+            out = [record(k, s, reason) for k, s in zip(keys, slots)]
+        if not index:
+            self._reset_slots()
+        return out
+
+    def detach(self) -> None:
+        """Prepare to be drained by ``take_oldest`` alone: drop the idle
+        wheel and the end-of-flow queue (their entries would only be
+        freed all at once at the end)."""
+        self.idle_timeout = 0
+        self.tcp_end_of_flow = False
+        self._reset_rules()
 
     def _remove_oldest(self, reason: int) -> None:
         if self._order_stale:
@@ -394,19 +459,23 @@ class FlowCache:
         self.order.extend(kept)
         self._n_order_stale = 0
 
-    def expire(self, now: float) -> int:
-        """Expire what is due at ``now``; returns how many flows left."""
+    def expire(self, now: float, limit: Optional[int] = None) -> int:
+        """Expire what is due at ``now``, at most ``limit`` flows (None:
+        all); returns how many flows left.  What is left due stays due:
+        ``next_deadline()`` is then not after ``now``."""
+        if limit is None:
+            limit = -1
         n = 0
         if self._ending:
-            n += self._expire_ended(now)
-        if self._idle_heap:
-            n += self._expire_idle(now)
+            n += self._expire_ended(now, limit)
+        if self._idle_heap and n != limit:
+            n += self._expire_idle(now, limit - n if limit > 0 else -1)
         order = self.order
         timeout = self.active_timeout
         times = self.times
         index = self.index
         stale = self._order_stale
-        while order:
+        while order and n != limit:
             if stale:
                 self._clean_order_head()
                 if not order:
@@ -426,13 +495,14 @@ class FlowCache:
             self._reset_slots()
         return n
 
-    def _expire_ended(self, now: float) -> int:
-        """TCP flows whose linger after FIN/RST is over."""
+    def _expire_ended(self, now: float, limit: int = -1) -> int:
+        """TCP flows whose linger after FIN/RST is over (at most
+        ``limit``, -1: all)."""
         n = 0
         ending = self._ending
         ending_at = self._ending_at
         index = self.index
-        while ending and ending[0][0] <= now:
+        while ending and ending[0][0] <= now and n != limit:
             deadline, key = ending.popleft()
             if ending_at.get(key) != deadline:
                 continue        # left otherwise meanwhile
@@ -444,9 +514,10 @@ class FlowCache:
             n += 1
         return n
 
-    def _expire_idle(self, now: float) -> int:
+    def _expire_idle(self, now: float, limit: int = -1) -> int:
         """The idle wheel's due buckets: each flow in them leaves, or
-        moves to the bucket of its real deadline."""
+        moves to the bucket of its real deadline; at most ``limit``
+        leave (-1: all), the rest of a bucket stays due."""
         n = 0
         heap = self._idle_heap
         buckets = self._idle_buckets
@@ -455,12 +526,17 @@ class FlowCache:
         times = self.times
         idle = self.idle_timeout
         ending_at = self._ending_at
-        while heap and heap[0] * IDLE_STEP <= now:
+        while heap and heap[0] * IDLE_STEP <= now and n != limit:
             b = heapq.heappop(heap)
             keys = buckets.pop(b)
             if keys is self._idle_tail:
                 self._idle_tail = self._idle_tail_b = None
-            for key in keys:
+            for i, key in enumerate(keys):
+                if n == limit:
+                    # The rest waits in this bucket, still due.
+                    buckets[b] = keys[i:]
+                    heapq.heappush(heap, b)
+                    break
                 if stale and _skip_stale(stale, key):
                     continue
                 slot = index.get(key)

@@ -21,11 +21,26 @@ which the loop calls every turn; it acts at most every
 ``RETRY_INTERVAL`` s (``next_retry`` gives the loop its timer).  An
 exporter that failed half-way through taking new options is in no
 known state, so it is closed and built afresh too.
+
+With ``sliced`` (the daemon's choice) nothing is sent in one piece: a
+changed exporter's flush goes out over its next ``run`` calls (see
+``Exporter.flush``), and a removed exporter moves to ``retiring``, where
+the loop keeps running it until its last flows are sent
+(``run_retiring``), and only then is it closed.  ``close`` (at exit)
+sends everything at once.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple
+from typing import (
+    Callable,
+    Dict,
+    Hashable,
+    List,
+    NamedTuple,
+    Optional,
+    Tuple,
+)
 
 import ovs.vlog
 
@@ -52,9 +67,12 @@ class Changes(NamedTuple):
 class Reconciler:
     """Owns the running exporters, keyed by ``options.key``."""
 
-    def __init__(self, factory: Callable = Exporter):
+    def __init__(self, factory: Callable = Exporter, sliced: bool = False):
         self.factory = factory
+        self.sliced = sliced
         self.exporters: Dict[Hashable, Exporter] = {}
+        #: Removed exporters still sending their flushed flows (sliced).
+        self.retiring: List[Exporter] = []
         self.failed: Dict[Hashable, str] = {}
         self.desired: Dict[Hashable, object] = {}
         self._retry_at: Optional[float] = None
@@ -65,7 +83,10 @@ class Reconciler:
         self.failed = {k: v for k, v in self.failed.items() if k in desired}
         for key in [k for k in self.exporters if k not in desired]:
             exporter = self.exporters.pop(key)
-            self._close(exporter, now)
+            if self.sliced:
+                self._retire(exporter, now)
+            else:
+                self._close(exporter, now)
             removed.append(key)
             vlog.info("removed exporter %s" % exporter.name)
         for key, options in desired.items():
@@ -76,7 +97,10 @@ class Reconciler:
                     created.append(key)
                     vlog.info("created exporter %s" % options.name)
                 elif exporter.options != options:
-                    exporter.reconfigure(options, now)
+                    if self.sliced:
+                        exporter.reconfigure(options, now, sliced=True)
+                    else:
+                        exporter.reconfigure(options, now)
                     changed.append(key)
                     vlog.info("reconfigured exporter %s" % options.name)
                 else:
@@ -103,6 +127,27 @@ class Reconciler:
         """When ``retry`` next has work (s, the clock of ``now``)."""
         return self._retry_at
 
+    def _retire(self, exporter, now: float) -> None:
+        try:
+            exporter.flush(now, sliced=True)
+        except Exception as e:  # never let one exporter stop the rest
+            log.err("flushing %s failed: %s", exporter.name, e)
+        self.retiring.append(exporter)
+
+    def run_retiring(self, now: float) -> None:
+        """Send a slice more of each retiring exporter's flows; close
+        those that have sent everything."""
+        for exporter in list(self.retiring):
+            try:
+                exporter.run(now)
+                done = exporter.idle()
+            except Exception as e:  # never let one exporter stop the rest
+                log.err("retiring %s failed: %s", exporter.name, e)
+                done = True
+            if done:
+                self.retiring.remove(exporter)
+                self._close(exporter, now)
+
     @staticmethod
     def _close(exporter, now: float) -> None:
         try:
@@ -111,5 +156,13 @@ class Reconciler:
             log.err("closing %s failed: %s", exporter.name, e)
 
     def close(self, now: float) -> None:
-        """Flush and close every exporter (at exit)."""
-        self.apply({}, now)
+        """Flush and close every exporter, retiring ones included, each
+        in one piece (at exit)."""
+        sliced, self.sliced = self.sliced, False
+        try:
+            self.apply({}, now)
+            for exporter in self.retiring:
+                self._close(exporter, now)
+            self.retiring = []
+        finally:
+            self.sliced = sliced

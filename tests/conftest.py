@@ -16,6 +16,9 @@ if _ROOT not in sys.path:
 
 from support.ovsdb import OvsdbServer  # noqa: E402
 
+# Fixtures defined beside their harness, for every test module.
+from support.switch import pair  # noqa: E402, F401
+
 
 def short_tempdir(prefix):
     """A fresh directory directly under /tmp: unix socket paths inside

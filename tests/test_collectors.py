@@ -27,14 +27,14 @@ import time
 
 import pytest
 from support.collector import UdpCollector
+from support.daemon import Env, sample
 from support.decoders import (
     judge_collector,
     nfacctd_records,
     nfdump_records,
     parse_collector,
 )
-from test_daemon import Env, sample
-from test_ovs_differential import ExporterDaemon
+from support.switch import ExporterDaemon
 from traffic import FlowId, build_frame, traffic_mix, truth_of
 
 from ovs_ipfix_py import upcall

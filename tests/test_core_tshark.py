@@ -11,13 +11,13 @@ flags, the rest of the key, end reason and times.  The same stream,
 written as an RFC 5655 file, must read cleanly with ipfixDump.
 """
 
-import ipaddress
 import os
 import socket
 
 import pytest
 import traffic as tr
 from support.collector import UdpCollector
+from support.daemon import flow_id
 from support.decoders import ipfixdump_check, parse_collector, tshark_decode
 
 from ovs_ipfix_py import interfaces
@@ -31,19 +31,6 @@ from ovs_ipfix_py.upcall import BridgeSample
 
 T0 = 1700000000.0
 ACTIVE_TIMEOUT, FORCED_END = 2, 4
-
-
-def flow_id(rec):
-    """A tshark record's identity as a traffic.FlowId."""
-    def ip(key):
-        value = rec.get(key)
-        return None if value is None else str(ipaddress.ip_address(value))
-
-    return tr.FlowId(rec["src_mac"], rec["dst_mac"], rec["ethertype"],
-                     rec.get("vlan"), rec.get("ip_version"), ip("src_ip"),
-                     ip("dst_ip"), rec.get("proto"), rec.get("src_port"),
-                     rec.get("dst_port"), rec.get("icmp_type"),
-                     rec.get("icmp_code"))
 
 
 CACHED = CacheOptions(3600, 1 << 20)

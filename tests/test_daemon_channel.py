@@ -9,8 +9,7 @@ import random
 import struct
 
 import pytest
-from support.decoders import judge_collector, parse_collector
-from test_daemon import (
+from support.daemon import (
     REASON_FORCED_END,
     UINT32_MAX,
     Env,
@@ -20,6 +19,7 @@ from test_daemon import (
     replay_ok,
     sample,
 )
+from support.decoders import judge_collector, parse_collector
 from traffic import traffic_mix, truth_of
 
 from ovs_ipfix_py import upcall

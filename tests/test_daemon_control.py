@@ -11,8 +11,7 @@ import tempfile
 import time
 
 import pytest
-from support.decoders import parse_collector
-from test_daemon import (
+from support.daemon import (
     REASON_ACTIVE,
     REASON_FORCED_END,
     Env,
@@ -26,6 +25,7 @@ from test_daemon import (
     sample,
     subset,
 )
+from support.decoders import parse_collector
 from traffic import ethernet, ipv4, many_flows, traffic_mix, truth_of, udp
 
 from ovs_ipfix_py import fastpath, upcall

@@ -22,8 +22,8 @@ import collections
 import time
 
 import pytest
+from support.daemon import Env, bridge_ipfix, record_flow_id, sample
 from support.decoders import parse_collector
-from test_daemon import Env, bridge_ipfix, record_flow_id, sample
 from traffic import ethernet, ipv4, tcp, truth_of, udp
 
 from ovs_ipfix_py import upcall

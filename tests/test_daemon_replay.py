@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from support.decoders import parse_collector
-from test_daemon import (
+from support.daemon import (
     ROOT,
     Env,
     bridge_ipfix,
@@ -17,6 +16,7 @@ from test_daemon import (
     replay_ok,
     run_replay,
 )
+from support.decoders import parse_collector
 from traffic import many_flows, traffic_mix
 
 

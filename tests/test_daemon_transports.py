@@ -29,14 +29,14 @@ import pytest
 import traffic as tr
 from support import require, wait_until
 from support.collector import TcpCollector, TlsCollector, UdpCollector
+from support.daemon import our_totals, totals, truth_totals
 from support.decoders import (
     ipfixdump_check,
     parse_collector,
     parse_messages,
     tshark_decode,
 )
-from test_ovs_differential import ExporterDaemon
-from test_transports import our_totals, totals, truth_totals
+from support.switch import ExporterDaemon
 
 pytestmark = pytest.mark.timeout(180)
 

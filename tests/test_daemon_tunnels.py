@@ -5,7 +5,7 @@ ipfixDump against the generator's truth.  Harness in ``test_daemon``."""
 
 import pytest
 import traffic as tr
-from test_daemon import (
+from support.daemon import (
     REASON_FORCED_END,
     Env,
     assert_flows_exact,

@@ -27,7 +27,7 @@ import pytest
 from support import wait_until
 from support.collector import UdpCollector
 from support.decoders import Session
-from test_ovs_differential import ExporterDaemon, Switch, udp_ports_of
+from support.switch import ExporterDaemon, Switch, udp_ports_of
 
 from ovs_ipfix_py.pcap import read_frames
 

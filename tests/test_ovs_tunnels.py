@@ -18,12 +18,7 @@ elements.  Tunnelled egress records are checked against OVS's code
 import socket
 
 import pytest
-from test_ovs_differential import (  # noqa: F401 (pair is a fixture)
-    KEY_FIELDS,
-    compare,
-    flush_and_collect,
-    pair,
-)
+from support.differential import KEY_FIELDS, compare, flush_and_collect
 from traffic import build_frame
 
 from ovs_ipfix_py import upcall
@@ -141,7 +136,7 @@ def native(ovsdb_factory):
     """br0 (p0: the underlay, 1.1.2.88/24, route to 1.1.2.92) and int-br
     with vxlan, gre and geneve ports; bridge sampling on int-br only."""
     from support.collector import UdpCollector
-    from test_ovs_differential import ExporterDaemon, Pair, Switch
+    from support.switch import ExporterDaemon, Pair, Switch
     server = ovsdb_factory()
     collector = UdpCollector()
     plugin = ExporterDaemon(server)
@@ -194,7 +189,7 @@ def test_ingress_on_tunnel_ports_gives_what_ovs_gives(native):
     it: sampled pkts > frames received); every other packet once.  So
     per flow OVS's packetDeltaCount is ours or more, and the surplus
     over all flows is exactly its surplus of samples."""
-    from test_ovs_differential import parse_counters
+    from support.switch import parse_counters
     pair = native  # noqa: F811
     pair.server.vsctl(
         "--", "--id=@i", "create", "IPFIX",

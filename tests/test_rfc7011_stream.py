@@ -41,7 +41,7 @@ from support.decoders import (
     tshark_decode,
 )
 from support.ovsdb import newer_schema, transact
-from test_ovs_differential import ExporterDaemon
+from support.switch import ExporterDaemon
 from traffic import traffic_mix
 
 pytestmark = pytest.mark.timeout(120)

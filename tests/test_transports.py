@@ -33,13 +33,13 @@ import pytest
 import traffic as tr
 from support import free_port
 from support.collector import TcpCollector, UdpCollector
+from support.daemon import our_totals, totals, truth_totals
 from support.decoders import (
     ipfixdump_check,
     parse_collector,
     parse_messages,
     tshark_decode,
 )
-from test_core_tshark import flow_id
 
 from ovs_ipfix_py import collector as col
 from ovs_ipfix_py.exporter import Exporter
@@ -82,27 +82,6 @@ def pump(exp, collectors, until, timeout=15.0):
 
 def stream_of(exp, spec):
     return exp.collectors.find(spec)
-
-
-def totals(records):
-    """{FlowId: (packets, layer-2 octets, IP octets)} of tshark records,
-    summed over records of one flow."""
-    out = {}
-    for r in records:
-        fid = flow_id(r)
-        p, l2, ip = out.get(fid, (0, 0, 0))
-        out[fid] = (p + r["packets"], l2 + r["l2_octets"],
-                    ip + r.get("octets", 0))
-    return out
-
-
-def truth_totals(truth):
-    return {fid: (t.packets, t.l2_octets, t.ip_octets)
-            for fid, t in truth.items()}
-
-
-def our_totals(records):
-    return totals([r.normalized() for r in records])
 
 
 def judge_tcp(c, tmp_path):

@@ -195,7 +195,7 @@ def replay(frames: Iterable, sock, template, tunnel_port: int,
     summary, with upcalls built per frame (each may carry its own
     tunnel).  Raises PcapError from the file, OSError from the socket,
     ValueError on a frame the channel cannot carry."""
-    from ovs_ipfix_py.replay import Summary, _max_frame
+    from ovs_ipfix_py.replay import Summary, _max_frame, pace
     t0 = time.monotonic()
     batcher = upcall.Batcher(max_datagram)
     limit = _max_frame(template, max_datagram) - 64  # room for a tunnel
@@ -205,14 +205,8 @@ def replay(frames: Iterable, sock, template, tunnel_port: int,
     for u in samples(frames, template, tunnel_port):
         packets += 1
         if interval:
-            due = t0 + (packets - 1) * interval
-            now = time.monotonic()
-            if due > now:
-                d = batcher.flush()
-                if d is not None:
-                    sock.send(d)
-                    datagrams += 1
-                time.sleep(due - now)
+            datagrams += pace(t0 + (packets - 1) * interval, batcher.flush,
+                              sock.send)
         if pick < 1.0 and rnd() >= pick:
             continue
         if len(u.frame) > limit:

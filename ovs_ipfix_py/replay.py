@@ -253,6 +253,21 @@ class Progress:
 _PROGRESS_EVERY = 1 << 14
 
 
+def pace(due: float, flush, send) -> int:
+    """Sleep until ``due`` (time.monotonic() s) when it is still ahead,
+    first sending what the batcher holds (``flush()`` -> datagram or
+    None), so samples arrive at the paced rate, not in late bursts.
+    Returns the datagrams sent (0 or 1)."""
+    now = time.monotonic()
+    if due <= now:
+        return 0
+    d = flush()
+    if d is not None:
+        send(d)
+    time.sleep(due - now)
+    return int(d is not None)
+
+
 def replay(frames: Iterable, sock: socket.socket, template,
            pick: float = 1.0, seed: int = 0, rate: Optional[float] = None,
            max_datagram: int = DEFAULT_MAX_DATAGRAM,
@@ -276,17 +291,9 @@ def replay(frames: Iterable, sock: socket.socket, template,
         packets += 1
         if interval:
             due = t0 + (packets - 1) * interval
-            now = time.monotonic()
-            if due > now:
-                # Hand over what is pending before sleeping, so samples
-                # arrive at the paced rate, not in late bursts.
-                d = batcher.flush()
-                if d is not None:
-                    send(d)
-                    datagrams += 1
-                if progress is not None:
-                    progress(samples)
-                time.sleep(due - now)
+            if progress is not None and due > time.monotonic():
+                progress(samples)
+            datagrams += pace(due, batcher.flush, send)
         if not sample_all and rnd() >= pick:
             continue
         if len(frame) > limit:

@@ -1,14 +1,25 @@
-"""``tools/fuzz/run``: every fuzz target on the sanitizer build.
+"""``tools/fuzz/run``: every fuzz target, the C ones on the sanitizer build.
 
     tools/fuzz/run [--seconds=S | --runs=N] [--merge] [--no-sanitizers]
-                   [--seeds] [TARGET...]
+                   [--python-coverage] [--diff-every=K] [--seeds]
+                   [TARGET...]
 
-Builds ``_fastpath.c`` with ASan + UBSan + libFuzzer coverage
-(``tools/fuzz/build-sanitized``) and runs each TARGET of
-``tools/fuzz/targets.py`` (default: all) under atheris, one after the
-other, for S seconds (default 30) or N executions, with the ASan runtime
-preloaded.  Corpora: ``tests/fuzz_corpus/<target>/`` (kept in git and
-replayed by ``tests/test_fuzz_corpus.py``) is read; new inputs go to
+Runs each TARGET of ``tools/fuzz/targets.py`` (default: all) under
+atheris, one after the other, for S seconds (default 30) or N
+executions.  The targets that run C code (``targets.RUNS_C``: decode,
+batch) load ``_fastpath.c`` built with ASan + UBSan + libFuzzer coverage
+(``tools/fuzz/build-sanitized``) with the ASan runtime preloaded, and
+are guided by the C code's coverage (``--python-coverage`` adds the
+Python code's, at 4 to 6 times the cost of an execution); there the
+batch target runs its pure-Python twin on one input in K (default 8,
+``--diff-every``; every input when replayed by the tests).  The
+pure-Python targets (parse, config) run on the plain interpreter,
+guided by Python coverage: no sanitizer has anything to check there.
+``--no-sanitizers`` runs the C targets on the package's own build too,
+with Python coverage and the twin on every input.
+
+Corpora: ``tests/fuzz_corpus/<target>/`` (kept in git and replayed by
+``tests/test_fuzz_corpus.py``) is read; new inputs go to
 ``build/fuzz/corpus/<target>/``; a crash input is written to
 ``tests/fuzz_corpus/<target>/crash-<sha1>`` and fails the run, so that
 once fixed it stays as a regression case.  ``--merge`` then adds to
@@ -16,9 +27,10 @@ once fixed it stays as a regression case.  ``--merge`` then adds to
 kept ones do not (libFuzzer's -merge=1).  ``--seeds`` (re)writes the
 seed inputs (``seeds()`` in targets.py) into the kept corpus.
 
-Prints, per target, executions, seconds, executions per second and the
-final coverage (libFuzzer's "cov": edges of the C code and of the
-instrumented Python code).  Exit status 1 if any target found a crash.
+Prints, per target, the build and coverage it ran with, executions,
+seconds, executions per second and the final coverage (libFuzzer's
+"cov": edges of the C code, and of the Python code when instrumented).
+Exit status 1 if any target found a crash.
 """
 
 from __future__ import annotations
@@ -56,7 +68,23 @@ def write_seeds(names):
                 f.write(data)
 
 
-def run_target(name, args, env):
+def target_env(name, args, env, sanitized_env):
+    """(environment, description) a target runs with."""
+    import targets
+    if name in targets.RUNS_C and sanitized_env is not None:
+        env = dict(sanitized_env)
+        env["OVS_IPFIX_FUZZ_DIFF_EVERY"] = str(args.diff_every)
+        pycov = args.python_coverage
+        what = "ASan+UBSan C"
+    else:
+        env = dict(env)
+        pycov = True
+        what = "plain" if name in targets.RUNS_C else "pure Python"
+    env["OVS_IPFIX_FUZZ_PYCOV"] = "1" if pycov else "0"
+    return env, "%s, %s coverage" % (what, "C+Python" if pycov else "C")
+
+
+def run_target(name, args, env, what):
     kept = os.path.join(ROOT, "tests", "fuzz_corpus", name)
     scratch = os.path.join(ROOT, "build", "fuzz", "corpus", name)
     os.makedirs(kept, exist_ok=True)
@@ -92,9 +120,10 @@ def run_target(name, args, env):
                        stderr=subprocess.DEVNULL, check=True)
     kept_n = len(os.listdir(kept))
     print("fuzz %-7s %s: %9d runs in %5.0f s (%6.0f/s), cov %d, ft %d, "
-          "corpus %d (kept %d)" % (name, "ok  " if ok else "CRASH", runs,
-                                    elapsed, runs / max(elapsed, 1e-9), cov,
-                                    ft, corp, kept_n), flush=True)
+          "corpus %d (kept %d) [%s]" % (
+              name, "ok  " if ok else "CRASH", runs, elapsed,
+              runs / max(elapsed, 1e-9), cov, ft, corp, kept_n, what),
+          flush=True)
     return ok
 
 
@@ -108,6 +137,8 @@ def main(argv=None):
     p.add_argument("--merge", action="store_true")
     p.add_argument("--seeds", action="store_true")
     p.add_argument("--no-sanitizers", action="store_true")
+    p.add_argument("--python-coverage", action="store_true")
+    p.add_argument("--diff-every", type=int, default=8, metavar="K")
     args = p.parse_args(argv)
     names = args.targets or list(targets.TARGETS)
     for n in names:
@@ -118,19 +149,22 @@ def main(argv=None):
         write_seeds(names)
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    if not args.no_sanitizers:
+    sanitized = None
+    if not args.no_sanitizers and set(names) & set(targets.RUNS_C):
         ext = subprocess.run([os.path.join(HERE, "build-sanitized")],
                              cwd=ROOT, check=True, stdout=subprocess.PIPE,
                              text=True).stdout.strip()
         import atheris
-        env["OVS_IPFIX_FUZZ_EXT"] = os.path.join(ROOT, ext)
-        env["LD_PRELOAD"] = os.path.join(atheris.path(),
-                                         "asan_with_fuzzer.so")
-        env["ASAN_OPTIONS"] = ASAN_OPTIONS
-        env["UBSAN_OPTIONS"] = UBSAN_OPTIONS
+        sanitized = dict(env)
+        sanitized["OVS_IPFIX_FUZZ_EXT"] = os.path.join(ROOT, ext)
+        sanitized["LD_PRELOAD"] = os.path.join(atheris.path(),
+                                               "asan_with_fuzzer.so")
+        sanitized["ASAN_OPTIONS"] = ASAN_OPTIONS
+        sanitized["UBSAN_OPTIONS"] = UBSAN_OPTIONS
     ok = True
     for name in names:
-        ok = run_target(name, args, env) and ok
+        target_env_, what = target_env(name, args, env, sanitized)
+        ok = run_target(name, args, target_env_, what) and ok
     return 0 if ok else 1
 
 

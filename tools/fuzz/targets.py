@@ -36,6 +36,7 @@ import contextlib
 import os
 import struct
 import sys
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -59,6 +60,7 @@ from ovs_ipfix_py.options import (  # noqa: E402
     BridgeExporterOptions,
     CacheOptions,
     ExportOptions,
+    FlowExporterOptions,
 )
 from ovs_ipfix_py.upcall import BridgeSample  # noqa: E402
 
@@ -144,7 +146,7 @@ def decode(data: bytes) -> None:
 
 #: Frame heads the batch target can start from (the rest comes from the
 #: input): plain IPv4 (the C path's shape), IPv4 with options, VLAN,
-#: IPv6, or nothing.
+#: IPv6, IPv4 carrying TCP, or nothing.
 _MAC = bytes(range(1, 13))
 _HEADS = (
     b"",
@@ -152,9 +154,25 @@ _HEADS = (
     _MAC + b"\x08\x00\x46\x00",
     _MAC + b"\x81\x00\x00\x64\x08\x00\x45\x00",
     _MAC + b"\x86\xdd\x60\x00\x00\x00",
+    _MAC + b"\x08\x00\x45\x00\x00\x28\x00\x00\x00\x00\x40\x06",
+    _MAC + b"\x86\xdd\x60\x00\x00\x00\x00\x14\x2c\x40",
+    _MAC + b"\x88\xa8\x00\x0a\x81\x00\x00\x14\x08\x00\x45\x00",
 )
-_PROBABILITIES = (0, 1, 2, 400, UINT32_MAX)
-_EXTRA_LEN = (0, 0, 1, 40, UINT32_MAX - 60)
+#: Probability selectors: index 7 takes the sample's u32 from the input.
+_PROBABILITIES = (0, 1, 2, 400, 65535, UINT32_MAX, 3, None)
+_EXTRA_LEN = (0, 1, 40, UINT32_MAX - 60)
+_PORTS = (None, 3, UINT32_MAX, 0)
+#: One sample's fixed part: ctl, sel, frame length, observation point,
+#: aux (a probability, or the observation domain).
+_SAMPLE = struct.Struct("!BBBBI")
+_TUNNEL = struct.Struct("!4s4sHHIB")
+
+#: Every how many inputs (by the input's CRC-32) the batch target also
+#: runs the pure-Python twin and compares whole caches; 1 = every input.
+#: The ordinary test suite replays with 1; ``tools/fuzz/run`` may set
+#: more (``OVS_IPFIX_FUZZ_DIFF_EVERY``) so that the sanitizer runs spend
+#: their time in the C code: the twin costs four C runs.
+DIFF_EVERY = max(1, int(os.environ.get("OVS_IPFIX_FUZZ_DIFF_EVERY", "1")))
 
 
 def _cache_state(exp):
@@ -165,45 +183,78 @@ def _cache_state(exp):
             list(c.expired), sorted(c._free), exp.stats.as_dict()]
 
 
-def _batch_input(r: Reader):
-    """(options, [(now, [BridgeSample])]) from the input."""
-    flags = r.u8()
-    opts = BridgeExporterOptions(
-        "br0", ExportOptions(cache=CacheOptions(
-            r.choice((0, 2, 3600)), r.choice((0, 1, 3, 1000)))),
-        sampling=r.choice((1, 400, UINT32_MAX)),
-        enable_input_sampling=not flags & 1,
-        enable_output_sampling=not flags & 2)
+def _batch_input(data: bytes):
+    """(options, [(now, [sample])], ports) from the input.
+
+    Layout: flags, active timeout, max flows, sampling selectors; then
+    samples, each ``_SAMPLE`` (ctl: bit 7 starts a new batch, the next
+    byte being how far the clock moves in quarter seconds; bits 0-2 the
+    frame head, bit 3 the input port, bits 4-5 the output port, bit 6
+    tunnel metadata follows the frame (``_TUNNEL``; a type with bit 7
+    set is an IPv6 underlay, 24 more address bytes follow); sel: bit 0 a
+    flow sample (always, for a flow exporter: flags bit 3), bits
+    1-3 the probability, bits 4-5 what the original length adds, bits
+    6-7 the flow sample's direction), the frame's tail, the tunnel.
+    """
+    flags, active, most, sampling = (data[:4] + b"\0\0\0\0")[:4]
+    export = ExportOptions(cache=CacheOptions(
+        (0, 2, 3600)[active % 3], (0, 1, 3, 1000)[most % 4]))
+    if flags & 8:
+        opts = FlowExporterOptions("br0", 5, export)
+    else:
+        opts = BridgeExporterOptions(
+            "br0", export, sampling=(1, 400, UINT32_MAX)[sampling % 3],
+            enable_input_sampling=not flags & 1,
+            enable_output_sampling=not flags & 2)
     batches = []
     batch = []
     now = 1.0
-    n = 0
-    # Few samples per input: coverage, not volume, finds bugs (and each
-    # input runs three exporters).
-    while r.left() > 0 and len(batches) < 4 and n < 48:
-        n += 1
-        ctl = r.u8()
+    off = 4
+    size = len(data)
+    # Few samples per input: coverage, not volume, finds bugs.
+    while off < size and len(batches) < 4 and len(batch) < 48:
+        ctl = data[off]
         if ctl & 0x80:
             batches.append((now, batch))
             batch = []
-            now += r.u8() / 4.0
+            now += (data[off + 1] if off + 1 < size else 0) / 4.0
+            off += 2
             continue
-        head = _HEADS[ctl % len(_HEADS)]
-        frame = head + r.take(r.u8())
+        ctl, sel, flen, point, aux = _SAMPLE.unpack_from(
+            data[off:off + 8].ljust(8, b"\0"))
+        off += 8
+        frame = _HEADS[ctl & 7] + data[off:off + flen]
+        off += flen
         in_port = 1 + (ctl >> 3 & 1)
-        out_port = (None, 3, UINT32_MAX, None)[(ctl >> 4) & 3]
-        probability = r.choice(_PROBABILITIES)
-        if probability == 2:
-            probability = r.u32()
+        out_port = _PORTS[ctl >> 4 & 3]
+        probability = _PROBABILITIES[sel >> 1 & 7]
+        if probability is None:
+            probability = aux
         # The channel carries orig_len as a u32.
-        orig_len = min(len(frame) + r.choice(_EXTRA_LEN), UINT32_MAX)
+        orig_len = min(len(frame) + _EXTRA_LEN[sel >> 4 & 3], UINT32_MAX)
         tunnel = None
         if ctl & 0x40:
-            tunnel = upcall.Tunnel(r.take(4).ljust(4, b"\0"),
-                                   r.take(4).ljust(4, b"\0"), r.u16(),
-                                   r.u16(), r.u32(), r.u8())
-        batch.append(BridgeSample("br0", in_port, out_port, probability,
-                                  frame, orig_len, tunnel))
+            src, dst, sport, dport, tun_id, tun_type = _TUNNEL.unpack_from(
+                data[off:off + _TUNNEL.size].ljust(_TUNNEL.size, b"\0"))
+            off += _TUNNEL.size
+            if tun_type & 0x80:
+                # An IPv6 underlay: 24 more address bytes.
+                more = data[off:off + 24].ljust(24, b"\0")
+                off += 24
+                src, dst = src + more[:12], dst + more[12:]
+            tunnel = upcall.Tunnel(src, dst, sport, dport, tun_id,
+                                   tun_type & 0x7F)
+        if sel & 1 or flags & 8:
+            # A flow exporter is handed flow samples only (the daemon
+            # groups samples by bridge and collector set); a bridge
+            # exporter any mix.  The channel carries a flow sample's
+            # probability as a u16.
+            batch.append(upcall.FlowSample(
+                "br0", 5, aux, point, probability & 0xFFFF, sel >> 6,
+                in_port, out_port, frame, orig_len, tunnel))
+        else:
+            batch.append(BridgeSample("br0", in_port, out_port,
+                                      probability, frame, orig_len, tunnel))
     batches.append((now, batch))
     ports = {}
     if flags & 4:
@@ -214,47 +265,82 @@ def _batch_input(r: Reader):
     return opts, batches, ports
 
 
-def batch(data: bytes) -> None:
-    opts, batches, ports = _batch_input(Reader(data))
-    exporters = [Exporter(opts, 0.0) for _ in range(2)]
-    c_exp, py_exp = exporters
-    try:
-        for e in exporters:
-            e.set_ports(ports)
-        if fastpath.C is not None:
-            for now, b in batches:
-                c_exp.sample_bridge_batch(b, now)
+def _check_cache(exp, samples: int) -> None:
+    """What must hold of any cache: each key once in index and order,
+    every cached flow counted, and no more flows than samples."""
+    c = exp.cache
+    assert len(c.index) == len(c.order) == len(c), (len(c.index),
+                                                    len(c.order))
+    assert len(c) + len(c.expired) <= samples
+
+
+def _flush_and_pack(exp, c_code: bool):
+    """Flush ``exp``'s cache (C ``expired_flows`` when ``c_code``, else
+    the Python loop) and pack the records of each template the way the
+    exporter groups them (template and key length: variable-length
+    fields make keys of one template differ); (flows, packed bytes)."""
+    cached = len(exp.cache)
+    if c_code:
+        exp.cache.flush(1e6)
+    else:
         with pure_python():
+            exp.cache.flush(1e6)
+    flows = exp.cache.take_expired()
+    assert len(exp.cache) == 0
+    flushed = flows[len(flows) - cached:]
+    assert all(f.reason == FORCED_END and f.packets >= 1 for f in flushed)
+    groups = {}
+    for f in flows:
+        groups.setdefault((f.key[:6], len(f.key)), []).append(f)
+    packed = []
+    for (prefix, _), group in groups.items():
+        tmpl = t.get(struct.unpack("!H", prefix[4:6])[0])
+        args = (group, b"", bool(tmpl.l3), tmpl.l4 == t.L4_TCP)
+        if c_code:
+            packed.append(fastpath.C.pack_records(*args))
+        else:
+            packed.append(pack_records(*args))
+    return flows, packed
+
+
+def batch(data: bytes) -> None:
+    """The C aggregation (``Exporter.sample_batch``: bridge and flow
+    samples of every frame kind) fed arbitrary frames and metadata, then
+    flushed through ``expired_flows`` and packed by ``pack_records``.
+    On every ``DIFF_EVERY``-th input (all of them when replayed) the
+    pure-Python twin (the specification) runs the same and must leave
+    the same cache, counters, flows and bytes.  Without the C extension
+    only the Python side runs."""
+    opts, batches, ports = _batch_input(data)
+    samples = sum(len(b) for _, b in batches)
+    c_code = fastpath.C is not None
+    twin = not c_code or zlib.crc32(data) % DIFF_EVERY == 0
+    exporters = []
+    try:
+        if c_code:
+            c_exp = Exporter(opts, 0.0)
+            exporters.append(c_exp)
+            c_exp.set_ports(ports)
             for now, b in batches:
-                py_exp.sample_bridge_batch(b, now)
-        if fastpath.C is not None:
+                c_exp.sample_batch(b, now)
+            _check_cache(c_exp, samples)
+        if twin:
+            py_exp = Exporter(opts, 0.0)
+            exporters.append(py_exp)
+            py_exp.set_ports(ports)
+            with pure_python():
+                for now, b in batches:
+                    py_exp.sample_batch(b, now)
+            _check_cache(py_exp, samples)
+        if c_code and twin:
             c_state, py_state = _cache_state(c_exp), _cache_state(py_exp)
             assert c_state == py_state, (c_state, py_state)
-
-        # Flush: C expired_flows and the Python loop; then the records
-        # of each template through both pack_records.
-        cached = len(py_exp.cache)
-        if fastpath.C is not None:
-            c_exp.cache.flush(1e6)
-        with pure_python():
-            py_exp.cache.flush(1e6)
-        py_flows = py_exp.cache.take_expired()
-        if fastpath.C is not None:
-            assert c_exp.cache.take_expired() == py_flows
-        flushed = py_flows[len(py_flows) - cached:]
-        assert all(f.reason == FORCED_END for f in flushed)
-        # (Grouped as the exporter groups them: template and key length,
-        # which variable-length fields make differ within a template.)
-        groups = {}
-        for f in py_flows:
-            groups.setdefault((f.key[:6], len(f.key)), []).append(f)
-        for (prefix, _), group in groups.items():
-            tid = struct.unpack("!H", prefix[4:6])[0]
-            tmpl = t.get(tid)
-            args = (group, b"", bool(tmpl.l3), tmpl.l4 == t.L4_TCP)
-            want = pack_records(*args)
-            if fastpath.C is not None:
-                assert fastpath.C.pack_records(*args) == want
+        if c_code:
+            c_out = _flush_and_pack(c_exp, True)
+        if twin:
+            py_out = _flush_and_pack(py_exp, False)
+        if c_code and twin:
+            assert c_out == py_out
     finally:
         for e in exporters:
             e.collectors.close()
@@ -363,6 +449,10 @@ def config(data: bytes) -> None:
 TARGETS = {"decode": decode, "batch": batch, "parse": parse,
            "config": config}
 
+#: The targets that run C code (the others are pure Python: the
+#: sanitizers have nothing to check there, Python coverage guides them).
+RUNS_C = ("decode", "batch")
+
 
 # -- seeds --------------------------------------------------------------------
 
@@ -404,15 +494,17 @@ def seeds(name: str):
     if name == "batch":
         out = []
         for lo in range(0, 40, 8):
-            data = bytearray((0, 2, 2, 0))     # flags, cache, sampling
-            for i, f in enumerate(frames[lo:lo + 8]):
-                if i == 4:
-                    data += bytes((0x80, 4))   # a new batch, 1 s later
-                data.append(0 if i % 2 else 0x18)   # raw; port 2 egress
-                f = f[:255]
-                data += bytes((len(f),)) + f
-                data += bytes((1, 0))          # probability 1, orig len
-            out.append(bytes(data))
+            for flags, sel in ((0, 2), (8, 3), (4, 0x8b)):
+                # flags, active timeout, max flows, sampling
+                data = bytearray((flags, 2, 3, 0))
+                for i, f in enumerate(frames[lo:lo + 8]):
+                    if i == 4:
+                        data += bytes((0x80, 4))   # a new batch, 1 s later
+                    f = f[:255]
+                    # raw frames; every other one egress by port 3
+                    ctl = 0 if i % 2 else 0x10
+                    data += _SAMPLE.pack(ctl, sel, len(f), 9, 7) + f
+                out.append(bytes(data))
         return out
     if name == "config":
         def text(s):

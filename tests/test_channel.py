@@ -181,13 +181,13 @@ def sockdir(shorttmp):
 def server_factory(sockdir):
     servers = []
 
-    def make(handler=None, max_batch=256, name="ch.sock"):
+    def make(handler=None, max_batch=256, name="ch.sock", budget=0.04):
         got = []
         if handler is None:
             def handler(upcalls, now):
                 got.append((upcalls, now))
         s = ChannelServer(os.path.join(sockdir, name), handler,
-                          max_batch=max_batch)
+                          max_batch=max_batch, budget=budget)
         s.got = got
         servers.append(s)
         return s
@@ -326,6 +326,30 @@ def test_run_reads_at_most_max_batch_and_passes_now(server_factory,
     assert len(s.got) == 5  # no handler call when nothing was read
     assert [u.input_port for ups, _ in s.got for u in ups] == \
         [0, 1, 2, 3, 4]
+
+
+def test_run_stops_reading_when_its_budget_is_spent(server_factory,
+                                                   client):
+    """A slow handler: each run() reads one datagram past its budget at
+    most, the next runs take the rest, in order, nothing lost."""
+    got = []
+
+    def slow(upcalls, now):
+        got.extend(u.input_port for u in upcalls)
+        time.sleep(0.03)
+
+    s = server_factory(handler=slow, budget=0.05)
+    c = client()
+    # (8: a Unix datagram socket queues 10 by default.)
+    for i in range(8):
+        c.sendto(upcall.encode([_bridge(i)]), s.path)
+    per_run = []
+    while len(got) < 8:
+        per_run.append(s.run())
+        assert 1 <= per_run[-1] <= 2, per_run
+    assert s.run() == 0
+    assert got == list(range(8))
+    assert sum(per_run) == 8 and len(per_run) >= 4
 
 
 def test_malformed_input_is_counted_and_never_disturbs_the_next(

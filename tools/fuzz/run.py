@@ -75,13 +75,15 @@ def target_env(name, args, env, sanitized_env):
         env = dict(sanitized_env)
         env["OVS_IPFIX_FUZZ_DIFF_EVERY"] = str(args.diff_every)
         pycov = args.python_coverage
-        what = "ASan+UBSan C"
+        what = "ASan+UBSan C, %s coverage" % ("C+Python" if pycov else "C")
     else:
+        # The plain build has no coverage counters in its C code.
         env = dict(env)
         pycov = True
-        what = "plain" if name in targets.RUNS_C else "pure Python"
+        what = "%s, Python coverage" % (
+            "plain C" if name in targets.RUNS_C else "pure Python")
     env["OVS_IPFIX_FUZZ_PYCOV"] = "1" if pycov else "0"
-    return env, "%s, %s coverage" % (what, "C+Python" if pycov else "C")
+    return env, what
 
 
 def run_target(name, args, env, what):

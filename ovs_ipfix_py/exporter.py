@@ -464,7 +464,9 @@ class Exporter:
         """Many samples at once: the hot path.
 
         ``samples``: a list of upcall.BridgeSample and upcall.FlowSample
-        values, in any mix; each is aggregated exactly as
+        values, in any mix for a bridge exporter, FlowSample only for a
+        flow exporter (Daemon.handle_upcalls groups them so); each is
+        aggregated exactly as
         ``sample_bridge`` or ``sample_flow`` would (a bridge sample counts
         UINT32_MAX // its own probability packets: the datapath may have
         sampled it at a rate the IPFIX row no longer says).  With the C

@@ -20,6 +20,7 @@ sets ``OVS_IPFIX_PY_PURE=1`` (read once, at import).  Callers read
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 C = None
@@ -33,3 +34,19 @@ if not os.environ.get("OVS_IPFIX_PY_PURE"):
 def name() -> str:
     """"C" or "Python": the hot path in use."""
     return "C" if C is not None else "Python"
+
+
+@contextlib.contextmanager
+def pure_python(pure: bool = True):
+    """For the duration, the pure-Python paths (``C`` set to None, as
+    ``OVS_IPFIX_PY_PURE=1`` gives at import); ``pure=False`` leaves ``C``
+    as it is.  For tests, benchmarks and fuzzers comparing the two
+    paths: it switches the whole process."""
+    global C
+    saved = C
+    if pure:
+        C = None
+    try:
+        yield
+    finally:
+        C = saved

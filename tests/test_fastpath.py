@@ -19,7 +19,6 @@ Export: C pack_records gives the bytes and per-record counts of
 exporter.pack_records, timestamps truncated to the ms the same way.
 """
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -83,18 +82,6 @@ def cache_state(exp):
             dict(c._order_stale), list(c._ending), dict(c._ending_at)]
 
 
-@contextlib.contextmanager
-def pure_python():
-    """The pure-Python path for the duration (what OVS_IPFIX_PY_PURE=1
-    gives at import)."""
-    saved = fastpath.C
-    fastpath.C = None
-    try:
-        yield
-    finally:
-        fastpath.C = saved
-
-
 def feed_one_by_one(exp, batch, now):
     """The general path: sample_bridge / sample_flow, one sample at a
     time (packet.parse + FlowCache.add)."""
@@ -129,7 +116,7 @@ def run_three(batches, opts, prepare=None, ports=None):
     raised, if any).  ``prepare(exporter)`` may rig an exporter before
     it runs."""
     exps = [Exporter(opts, 0.0)]
-    with pure_python():
+    with fastpath.pure_python():
         # Their caches index flows with a dict (the specification), the
         # C one with a FlowIndex.
         exps += [Exporter(opts, 0.0) for _ in range(2)]
@@ -153,13 +140,13 @@ def run_three(batches, opts, prepare=None, ports=None):
                 raised[k] = repr(e)
 
         run(0, lambda e, b, now: e.sample_batch(b, now))
-        with pure_python():
+        with fastpath.pure_python():
             run(1, lambda e, b, now: e.sample_batch(b, now))
             run(2, feed_one_by_one)
         states = [cache_state(e) + [raised[k]] for k, e in enumerate(exps)]
         # Then a flush (FlowCache.flush: C expired_flows, or Python).
         exps[0].cache.flush(1e6)
-        with pure_python():
+        with fastpath.pure_python():
             exps[1].cache.flush(1e6)
             exps[2].cache.flush(1e6)
         for state, e in zip(states, exps):
@@ -616,7 +603,7 @@ def test_c_decoder_equals_python_decoder(ups, damage):
         d[where:where + len(junk)] = junk
     d = bytes(d)
     c_out = decode_cold_and_warm(d)
-    with pure_python():
+    with fastpath.pure_python():
         py_out = decode_cold_and_warm(d)
     assert c_out == py_out
     if not damage:
@@ -784,7 +771,7 @@ def test_dispatch_with_c_equals_dispatch_without(picks):
         if use_c:
             d.handle_upcalls(list(ups), 1.0)
         else:
-            with pure_python():
+            with fastpath.pure_python():
                 d.handle_upcalls(list(ups), 1.0)
         out.append(({k: r.got for k, r in recs.items()},
                     d.unmatched_samples))

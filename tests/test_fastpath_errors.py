@@ -7,7 +7,6 @@ aggregates of the flows it holds are whole, and the cache keeps working
 (more samples, a flush).  After the same failure, the C and the Python
 paths leave the same cache."""
 
-import contextlib
 from collections import deque
 
 import pytest
@@ -23,15 +22,9 @@ needs_c = pytest.mark.skipif(fastpath.C is None,
                              reason="C fast path not built")
 
 
-@contextlib.contextmanager
 def path(c):
-    saved = fastpath.C
-    if not c:
-        fastpath.C = None
-    try:
-        yield
-    finally:
-        fastpath.C = saved
+    """The C path when ``c``, else the pure-Python one."""
+    return fastpath.pure_python(not c)
 
 
 class FailingOrder(deque):

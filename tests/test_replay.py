@@ -263,18 +263,13 @@ def _both(path, template, max_datagram):
     out = []
     for use_c in (True, False):
         sink = _Sink()
-        saved = fastpath.C
-        if not use_c:
-            fastpath.C = None
-        try:
+        with fastpath.pure_python(not use_c):
             try:
                 s = replay.replay_file(path, sink, template,
                                        max_datagram=max_datagram)
                 out.append((sink.sent, s[:3], None))
             except (PcapError, ValueError) as e:
                 out.append((None, None, str(e)))
-        finally:
-            fastpath.C = saved
     return out
 
 

@@ -408,15 +408,11 @@ def run(sizes: Sizes, progress=None) -> Dict:
             plain_ipv4=sum(s.frame[12:15] == b"\x08\x00\x45"
                            for s in stream) / len(stream))
         say("parse+cache, realistic mix, pure Python")
-        saved = fastpath.C
-        fastpath.C = None
-        try:
+        with fastpath.pure_python():
             res["mixed_pure"] = dict(median_run(
                 lambda m=mixed, u=stream: throughput(m, u, sink, False),
                 1),
                 flows=len(mixed), stream_len=len(stream))
-        finally:
-            fastpath.C = saved
         del mixed, stream
         for n in sizes.flows:
             samples = pool[:n]

@@ -32,7 +32,6 @@ atheris nor hypothesis is needed to replay a corpus.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
 import sys
@@ -102,17 +101,6 @@ class Reader:
         return self.take(self.left())
 
 
-@contextlib.contextmanager
-def pure_python():
-    """The pure-Python paths for the duration (fastpath.C off)."""
-    saved = fastpath.C
-    fastpath.C = None
-    try:
-        yield
-    finally:
-        fastpath.C = saved
-
-
 # -- decode -------------------------------------------------------------------
 
 def _decode_runs(datagrams):
@@ -133,7 +121,7 @@ def decode(data: bytes) -> None:
     first = r.take(r.u16())
     datagrams = (first, r.rest())
     c_out = _decode_runs(datagrams)
-    with pure_python():
+    with fastpath.pure_python():
         py_out = _decode_runs(datagrams)
     if fastpath.C is not None:
         assert c_out == py_out, (c_out, py_out)
@@ -283,7 +271,7 @@ def _flush_and_pack(exp, c_code: bool):
     if c_code:
         exp.cache.flush(1e6)
     else:
-        with pure_python():
+        with fastpath.pure_python():
             exp.cache.flush(1e6)
     flows = exp.cache.take_expired()
     assert len(exp.cache) == 0
@@ -328,7 +316,7 @@ def batch(data: bytes) -> None:
             py_exp = Exporter(opts, 0.0)
             exporters.append(py_exp)
             py_exp.set_ports(ports)
-            with pure_python():
+            with fastpath.pure_python():
                 for now, b in batches:
                     py_exp.sample_batch(b, now)
             _check_cache(py_exp, samples)
